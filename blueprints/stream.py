@@ -1,0 +1,155 @@
+"""`GET /sse`: one async generator per stream; `POST /sse/ticket`.
+
+The generator's loop is the per-stream hot path: wait on the subscriber's single future, drain everything queued
+into one chunk, yield it. No per-event task, timer, queue or `wait_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from quart import Blueprint, Response, jsonify, request
+
+from quart_sse import keys
+from quart_sse.auth import Identity, authenticate, seconds_left
+from quart_sse.broker.base import BrokerUnavailable, Replay
+from quart_sse.errors import ApiError, unauthorized, unavailable
+from quart_sse.events import closing_frame, reset_frame, retry_frame
+from quart_sse.http import services
+from quart_sse.hub import Subscriber
+from quart_sse.registry import ConnRecord
+from quart_sse.services import Services
+
+bp = Blueprint("stream", __name__)
+log = logging.getLogger("quart_sse.stream")
+
+
+async def _stream_identity(svc: Services) -> Identity:
+    ticket = request.args.get("ticket")
+    if ticket is not None and "Authorization" not in request.headers and "token" not in request.args:
+        try:
+            ident = await svc.tickets.redeem(ticket)
+        except BrokerUnavailable:
+            raise unavailable("broker unavailable") from None
+        if ident is None:
+            raise unauthorized("unknown, used or expired ticket")
+        return ident
+    return authenticate(request, svc.settings)
+
+
+@bp.post("/sse/ticket")
+async def ticket() -> tuple[Response, int]:
+    """A single-use ticket for `GET /sse?ticket=`; bought with a Bearer header only, never a cookie (CSRF)."""
+    svc = services()
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise unauthorized("a ticket is bought with an 'Authorization: Bearer' header")
+    ident = authenticate(request, svc.settings)
+    ttl = int(max(1, min(svc.settings.ticket_ttl, seconds_left(ident, svc.settings.jwt_leeway))))
+    try:
+        tk = await svc.tickets.issue(ident, ttl)
+    except BrokerUnavailable:
+        raise unavailable("broker unavailable") from None
+    return jsonify({"ticket": tk, "expires_in": ttl}), 201
+
+
+@bp.get("/sse")
+async def sse() -> Response:
+    svc = services()
+    settings = svc.settings
+    ident = await _stream_identity(svc)
+    left = seconds_left(ident, settings.jwt_leeway)
+    if left <= 0:
+        raise unauthorized("token expired")
+    if svc.shutting_down:
+        raise unavailable("shutting down")
+    if settings.max_connections and len(svc.hub.subscribers) >= settings.max_connections:
+        svc.metrics.streams_refused.labels("instance_full").inc()
+        raise ApiError(503, "instance_full", "this instance holds its maximum of streams", {"Retry-After": "5"})
+    last_id = request.headers.get("Last-Event-ID")
+    if last_id is None:
+        last_id = request.args.get("lastEventId")
+
+    conn_id = str(uuid.uuid4())
+    remote = request.remote_addr or ""
+    rec = ConnRecord(conn_id, ident.app, ident.user, remote)
+    try:
+        admitted = await svc.registry.admit(rec, settings.max_connections_per_user)
+    except BrokerUnavailable:
+        svc.metrics.streams_refused.labels("broker_unavailable").inc()
+        raise unavailable("broker unavailable") from None
+    if not admitted:
+        svc.metrics.streams_refused.labels("user_cap").inc()
+        raise ApiError(429, "too_many_connections",
+                       f"at most {settings.max_connections_per_user} streams per user", {"Retry-After": "5"})
+
+    sub = Subscriber(conn_id, ident.app, ident.user,
+                     (keys.user_channel(ident.app, ident.user), keys.broadcast_channel(ident.app)),
+                     remote_addr=remote, created_at=rec.created_at,
+                     max_events=settings.queue_max_events, max_bytes=settings.queue_max_bytes)
+    replay: Replay | None = None
+    try:
+        await svc.hub.attach(sub)  # live events queue up from here on, so the replay below leaves no gap
+        if last_id is not None:
+            replay = await svc.broker.replay(ident.app, ident.user, last_id)
+            sub.after = replay.after
+        if settings.history_enabled:
+            sub.last_pos = (replay.after if replay and replay.reset is None else None) or \
+                await svc.broker.head(ident.app, ident.user)
+    except (TimeoutError, BrokerUnavailable, asyncio.CancelledError) as exc:
+        svc.hub.detach(sub)
+        svc.registry.release(rec)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        svc.metrics.streams_refused.labels("broker_unavailable").inc()
+        raise unavailable("broker unavailable") from None
+    sub.expire_at(asyncio.get_running_loop().time() + left)
+    svc.metrics.streams_opened.inc()
+    svc.metrics.streams_open.inc()
+    extra = {"app": ident.app, "user": ident.user, "conn": conn_id}
+    log.info("stream opened from %s", remote, extra=extra)
+
+    async def body() -> AsyncIterator[bytes]:
+        reason = "client left"
+        try:
+            first = retry_frame(settings.sse_retry_ms)
+            if replay is not None:
+                if replay.reset is not None:
+                    svc.metrics.resets.inc()
+                    first += reset_frame(replay.reset, last_id[:256] if last_id else None)
+                else:
+                    svc.metrics.replays.inc()
+                    first += b"".join([m.frame for m in replay.messages])
+                    if replay.messages and replay.messages[-1].pos is not None:
+                        sub.last_pos = replay.messages[-1].pos
+            yield first
+            while True:
+                if not sub.pending():
+                    if sub.closed:
+                        break
+                    await sub.wait()
+                if sub.pending():
+                    chunk = sub.drain()
+                    if chunk:
+                        yield chunk
+            reason = sub.reason
+            if reason == "slow consumer":
+                svc.metrics.slow_disconnects.inc()
+                log.warning("stream closed: client too slow (buffer over its bound)", extra=extra)
+            else:
+                yield closing_frame(reason, svc.retry_after_close(reason))
+        finally:
+            sub.close(reason)
+            svc.hub.detach(sub)
+            svc.registry.release(rec)
+            svc.metrics.streams_open.dec()
+            log.info("stream closed (%s) after %.0f s", reason, time.time() - rec.created_at, extra=extra)
+
+    resp = Response(body(), status=200, content_type="text/event-stream", headers={
+        "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Connection-Id": conn_id})
+    resp.timeout = None  # no framework time-out may end a healthy stream
+    return resp

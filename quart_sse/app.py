@@ -1,0 +1,53 @@
+"""The app factory: settings, JWT, blueprints, lifecycle."""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from . import auth, cors, errors
+from .logs import setup_logging
+from .services import Services
+from .settings import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    settings = settings or load_settings()
+    setup_logging(settings)
+    app = Quart("quart_sse")
+    app.config.update(
+        RESPONSE_TIMEOUT=None,  # Quart would end every response (streams included) after 60 s
+        BODY_TIMEOUT=10,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        JSON_SORT_KEYS=False,
+        PROVIDE_AUTOMATIC_OPTIONS=True,
+    )
+    services = Services(settings)
+    app.extensions["quart_sse"] = services
+    auth.init_app(app, settings)
+    errors.register(app)
+    cors.init_app(app, settings.cors_origin_list)
+
+    from blueprints.connections import bp as connections_bp
+    from blueprints.demo import bp as demo_bp
+    from blueprints.health import bp as health_bp
+    from blueprints.metrics import bp as metrics_bp
+    from blueprints.publish import bp as publish_bp
+    from blueprints.stream import bp as stream_bp
+
+    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp):
+        app.register_blueprint(bp)
+
+    @app.before_serving
+    async def _start() -> None:
+        await services.start()
+
+    @app.after_serving
+    async def _stop() -> None:
+        await services.stop()
+
+    return app
+
+
+def services_of(app: Quart) -> Services:
+    svc: Services = app.extensions["quart_sse"]
+    return svc

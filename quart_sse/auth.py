@@ -1,0 +1,132 @@
+"""Tokens to identities, through quart-jwt-extended, behind this one module.
+
+The library's own defaults are wrong for us (identity under `identity`, 422 for bad tokens, `exp` optional,
+IndexError on some malformed headers), so only its verified decode is used; everything around it is here:
+where the token is read, which claims are required, and the CONTRACT §3 401/403 answers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+
+from quart import Quart, Request
+from quart_jwt_extended import JWTManager, decode_token
+from quart_jwt_extended.tokens import encode_access_token
+
+from .errors import ApiError, forbidden, unauthorized
+from .ids import is_valid_id
+from .settings import Settings
+
+log = logging.getLogger("quart_sse.auth")
+
+SCOPE_PUBLISH = "publish"
+SCOPE_CONNECTIONS = "connections"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    app: str  # iss
+    user: str  # sub
+    scopes: frozenset[str]
+    exp: int
+
+    def can(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+def init_app(app: Quart, settings: Settings) -> None:
+    """Configure quart-jwt-extended for verification only: pinned algorithm, `sub` identity, leeway, audience."""
+    app.config.update(
+        JWT_SECRET_KEY=settings.jwt_secret.get_secret_value(),
+        JWT_PUBLIC_KEY=settings.jwt_public_key,
+        JWT_ALGORITHM=settings.jwt_algorithm,
+        JWT_DECODE_ALGORITHMS=[settings.jwt_algorithm],
+        JWT_IDENTITY_CLAIM="sub",
+        JWT_USER_CLAIMS="scope",
+        JWT_DECODE_LEEWAY=settings.jwt_leeway,
+        JWT_DECODE_AUDIENCE=settings.jwt_audience,
+        JWT_TOKEN_LOCATION=["headers"],
+    )
+    JWTManager(app)
+
+
+def token_from_request(request: Request, settings: Settings) -> str | None:
+    """First found wins: Bearer header, `?token=`, the seed's `?Authorization=`, the cookie."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise unauthorized("Authorization header must be 'Bearer <token>'")
+        return value.strip()
+    for name in ("token", "Authorization"):
+        value = request.args.get(name) or ""
+        if value:
+            scheme, sep, rest = value.partition(" ")
+            return rest.strip() if sep and scheme.lower() == "bearer" else value
+    return request.cookies.get(settings.jwt_cookie_name) or None
+
+
+def verify(token: str, settings: Settings) -> Identity:
+    """A verified identity, or the CONTRACT §3 401 (generic text in production, detail in debug and the log)."""
+    def fail(detail: str) -> ApiError:
+        log.info("token refused: %s", detail)
+        return unauthorized(detail if settings.debug else "invalid or expired token")
+
+    if len(token) > settings.jwt_max_bytes:
+        raise fail("token too large")
+    try:
+        claims = decode_token(token)
+    except Exception as exc:  # noqa: BLE001 - every decoding failure is a 401, whatever the library raises
+        raise fail(f"invalid token: {type(exc).__name__}: {exc}") from None
+    exp, sub, iss, scope = claims.get("exp"), claims.get("sub"), claims.get("iss"), claims.get("scope")
+    if not isinstance(exp, int) or isinstance(exp, bool):
+        raise fail("token has no 'exp' claim")
+    if not is_valid_id(sub):
+        raise fail("'sub' missing or not a valid id")
+    if not is_valid_id(iss):
+        raise fail("'iss' missing or not a valid id")
+    allowed = settings.issuer_allow_list
+    if allowed and iss not in allowed:
+        raise fail("issuer not allowed")
+    if scope in (None, {}):
+        scopes: frozenset[str] = frozenset()
+    elif isinstance(scope, str):
+        scopes = frozenset(scope.split())
+    else:
+        raise fail("'scope' must be a space-separated string")
+    return Identity(app=iss, user=sub, scopes=scopes, exp=exp)
+
+
+def authenticate(request: Request, settings: Settings) -> Identity:
+    token = token_from_request(request, settings)
+    if token is None:
+        raise unauthorized("missing token")
+    return verify(token, settings)
+
+
+def require_app(ident: Identity, app: str, scope: str | None = None) -> None:
+    """403 unless the token belongs to `app` (and holds `scope`)."""
+    if ident.app != app:
+        raise forbidden("token is not valid for this application")
+    if scope is not None and not ident.can(scope):
+        raise forbidden(f"token lacks the '{scope}' scope")
+
+
+def mint(settings: Settings, sub: str, iss: str, scope: str = "", ttl: int = 3600) -> str:
+    """A token as our verifier expects it, signed with the configured secret (CLI `token`, tests, demo)."""
+    if not is_valid_id(sub) or not is_valid_id(iss):
+        raise ValueError("sub and iss must match " + r"^[A-Za-z0-9._@|+-]{1,128}$")
+    if not settings.jwt_algorithm.startswith("HS"):
+        raise ValueError("minting needs an HS* algorithm")
+    token = encode_access_token(
+        identity=sub, secret=settings.jwt_secret.get_secret_value(), algorithm=settings.jwt_algorithm,
+        expires_delta=dt.timedelta(seconds=ttl), fresh=False, user_claims=scope or None, csrf=False,
+        identity_claim_key="sub", user_claims_key="scope", issuer=iss)
+    return token if isinstance(token, str) else token.decode()
+
+
+def seconds_left(ident: Identity, leeway: int) -> float:
+    return ident.exp + leeway - time.time()

@@ -1,0 +1,130 @@
+"""The in-process broker: one process, no Redis; the same semantics as the Redis broker (history included)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable
+
+from .. import keys
+from ..events import Message, Position
+from .base import OnControl, OnMessage, OnReconnect, Replay
+from .history import MAX_LAST_EVENT_ID, as_position, merge
+
+
+class _History:
+    """A bounded, time-limited log of one channel; remembers the newest position it has trimmed."""
+
+    __slots__ = ("entries", "trimmed")
+
+    def __init__(self) -> None:
+        self.entries: deque[Message] = deque()
+        self.trimmed: Position = (0, 0)
+
+
+class MemoryBroker:
+    name = "memory"
+
+    def __init__(self, history_size: int, history_ttl: int) -> None:
+        self._size = history_size
+        self._ttl_ms = history_ttl * 1000
+        self._channels: set[str] = set()
+        self._history: dict[str, _History] = {}
+        self._seq: dict[str, tuple[int, int]] = {}
+        self._on_message: OnMessage | None = None
+        self._on_control: OnControl | None = None
+
+    async def start(self, on_message: OnMessage, on_control: OnControl, on_reconnect: OnReconnect) -> None:
+        self._on_message = on_message
+        self._on_control = on_control
+
+    async def close(self) -> None:
+        self._channels.clear()
+
+    async def ready(self) -> bool:
+        return True
+
+    def subscribe(self, channel: str) -> Awaitable[None]:
+        self._channels.add(channel)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+
+    def _next_pos(self, app: str) -> Position:
+        now = int(time.time() * 1000)
+        last_ms, n = self._seq.get(app, (0, 0))
+        pos = (max(now, last_ms), n + 1)
+        self._seq[app] = pos
+        return pos
+
+    def _trim(self, hist: _History, now_ms: int) -> None:
+        entries = hist.entries
+        while entries and (len(entries) > self._size or
+                           (self._ttl_ms and entries[0].pos and entries[0].pos[0] < now_ms - self._ttl_ms)):
+            gone = entries.popleft()
+            if gone.pos:
+                hist.trimmed = gone.pos
+
+    async def publish(self, app: str, user: str | None, event_id: str | None, event_type: str,
+                      data: bytes) -> Message:
+        pos = self._next_pos(app)
+        msg = Message.build(event_id if event_id is not None else f"{pos[0]}-{pos[1]}", event_type, data, pos)
+        if self._size:
+            hist = self._history.setdefault(keys.history_key(app, user), _History())
+            hist.entries.append(msg)
+            self._trim(hist, pos[0])
+        channel = keys.broadcast_channel(app) if user is None else keys.user_channel(app, user)
+        if channel in self._channels and self._on_message is not None:
+            self._on_message(channel, msg)
+        return msg
+
+    def _find(self, hist: _History | None, last_id: str, pos: Position | None) -> Position | None:
+        if hist is None:
+            return None
+        for msg in reversed(hist.entries):  # the most recent event with that id
+            if msg.id == last_id:
+                return msg.pos
+            if pos is not None and msg.pos is not None and msg.pos < pos:
+                break
+        return None
+
+    async def replay(self, app: str, user: str, last_id: str, *, known: bool = False) -> Replay:
+        if not self._size:
+            return Replay(reset="history is off")
+        if len(last_id) > MAX_LAST_EVENT_ID:
+            return Replay(reset="unknown id")
+        now_ms = int(time.time() * 1000)
+        u_hist = self._history.get(keys.history_key(app, user))
+        b_hist = self._history.get(keys.history_key(app, None))
+        for h in (u_hist, b_hist):
+            if h is not None:
+                self._trim(h, now_ms)
+        pos = as_position(last_id)
+        if known and pos is not None:
+            found = [pos]
+        else:
+            found = [p for p in (self._find(u_hist, last_id, pos), self._find(b_hist, last_id, pos)) if p]
+        if not found:
+            return Replay(reset="unknown id")
+        after = max(found)
+        if any(h is not None and h.trimmed > after for h in (u_hist, b_hist)):
+            return Replay(reset="history trimmed")
+        user_msgs = [m for m in u_hist.entries if m.pos and m.pos > after] if u_hist else []
+        b_msgs = [m for m in b_hist.entries if m.pos and m.pos > after] if b_hist else []
+        return Replay(messages=merge(user_msgs, b_msgs), after=after)
+
+    async def head(self, app: str, user: str) -> Position | None:
+        return self._seq.get(app)
+
+    async def publish_control(self, payload: bytes) -> int:
+        if self._on_control is not None:
+            await self._on_control(payload)
+        return 1
+
+    async def send_reply(self, instance: str, payload: bytes) -> None:
+        if self._on_control is not None:
+            await self._on_control(payload)

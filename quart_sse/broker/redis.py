@@ -1,0 +1,238 @@
+"""The Redis broker: history in Redis Streams, live delivery over one pub/sub connection per process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .. import keys
+from ..events import EventError, Message, Position, decode_payload, parse_position
+from .base import BrokerUnavailable, OnControl, OnMessage, OnReconnect, Replay
+from .history import MAX_LAST_EVENT_ID, merge
+from .pubsub import PubSubLink
+
+log = logging.getLogger("quart_sse.broker")
+
+# KEYS: seq hash, history stream. ARGV: channel, id ('' = assign), type, data JSON, maxlen, ttl ms.
+# One round trip, atomic: the live copy and the history entry can never disagree.
+PUBLISH_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last = tonumber(redis.call('HGET', KEYS[1], 'ms') or '0')
+if now < last then now = last end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HSET', KEYS[1], 'ms', now)
+local pos = now .. '-' .. n
+local id = ARGV[2]
+if id == '' then id = pos end
+local maxlen = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+if maxlen > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, pos, 'id', id, 'type', ARGV[3], 'data', ARGV[4])
+  if ttl > 0 then
+    redis.call('XTRIM', KEYS[2], 'MINID', '~', (now - ttl) .. '-0')
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+local payload = '{"id":' .. cjson.encode(id) .. ',"type":' .. cjson.encode(ARGV[3]) .. ',"data":' .. ARGV[4]
+  .. ',"pos":"' .. pos .. '"}'
+redis.call('PUBLISH', ARGV[1], payload)
+return {pos, id}
+"""
+
+# KEYS: user history, broadcast history. ARGV: last id, max entries, ttl ms, '1' when last id is a position we know
+# (resync after an outage) rather than an id a client sent.
+# Returns {status, after, user entries, broadcast entries}; status 'ok' or a reset reason.
+REPLAY_LUA = """
+local last = ARGV[1]
+local limit = tonumber(ARGV[2])
+local function id_of(fields)
+  for i = 1, #fields, 2 do if fields[i] == 'id' then return fields[i + 1] end end
+  return nil
+end
+local function find(key)
+  if string.match(last, '^%d+%-%d+$') then
+    local e = redis.call('XRANGE', key, last, last)
+    if #e > 0 and id_of(e[1][2]) == last then return e[1][1] end
+  end
+  local entries = redis.call('XREVRANGE', key, '+', '-', 'COUNT', limit)
+  for i = 1, #entries do
+    if id_of(entries[i][2]) == last then return entries[i][1] end
+  end
+  return nil
+end
+local function newer(a, b)
+  if a == nil then return b end
+  if b == nil then return a end
+  local am, an = string.match(a, '^(%d+)%-(%d+)$')
+  local bm, bn = string.match(b, '^(%d+)%-(%d+)$')
+  am, an, bm, bn = tonumber(am), tonumber(an), tonumber(bm), tonumber(bn)
+  if am > bm or (am == bm and an > bn) then return a end
+  return b
+end
+local after
+if ARGV[4] == '1' then after = last else after = newer(find(KEYS[1]), find(KEYS[2])) end
+if after == nil then return {'unknown id'} end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000
+  local ms = tonumber(string.match(after, '^(%d+)'))
+  if ms < now - ttl then return {'history expired'} end
+end
+local am, an = string.match(after, '^(%d+)%-(%d+)$')
+am, an = tonumber(am), tonumber(an)
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local info = redis.call('XINFO', 'STREAM', key)
+    for i = 1, #info, 2 do
+      if info[i] == 'max-deleted-entry-id' then
+        local dm, dn = string.match(info[i + 1], '^(%d+)%-(%d+)$')
+        dm, dn = tonumber(dm), tonumber(dn)
+        if dm > am or (dm == am and dn > an) then return {'history trimmed'} end
+      end
+    end
+  end
+end
+return {'ok', after, redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', limit),
+        redis.call('XRANGE', KEYS[2], '(' .. after, '+', 'COUNT', limit)}
+"""
+
+
+def _entry_to_message(entry: list[Any]) -> Message | None:
+    pos = parse_position(entry[0].decode())
+    f = entry[1]
+    fields = {f[i]: f[i + 1] for i in range(0, len(f), 2)}
+    try:
+        return Message.build(fields[b"id"].decode(), fields[b"type"].decode(), fields[b"data"], pos)
+    except (KeyError, UnicodeDecodeError):
+        return None
+
+
+class RedisBroker:
+    name = "redis"
+
+    def __init__(self, url: str, instance: str, history_size: int, history_ttl: int,
+                 *, sharded: bool = False) -> None:
+        self.url = url
+        self.instance = instance
+        self._size = history_size
+        self._ttl_ms = history_ttl * 1000
+        self.redis: aioredis.Redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=64, timeout=5, socket_connect_timeout=2, socket_timeout=5,
+                health_check_interval=10))
+        self._publish = self.redis.register_script(PUBLISH_LUA)
+        self._replay = self.redis.register_script(REPLAY_LUA)
+        self._on_message: OnMessage | None = None
+        self._on_control: OnControl | None = None
+        self._on_reconnect: OnReconnect | None = None
+        self._reply = keys.reply_channel(instance)
+        self._was_up = False
+        self.bad_payloads = 0
+        self.link = PubSubLink(url, self._received, self._up, self._down, sharded=sharded)
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def start(self, on_message: OnMessage, on_control: OnControl, on_reconnect: OnReconnect) -> None:
+        self._on_message, self._on_control, self._on_reconnect = on_message, on_control, on_reconnect
+        self.link.subscribe(keys.CONTROL_CHANNEL)
+        self.link.subscribe(self._reply)
+        self.link.start()
+
+    async def close(self) -> None:
+        await self.link.close()
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
+
+    async def ready(self) -> bool:
+        if not self.link.connected:
+            return False
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    def _up(self) -> None:
+        if self._was_up and self._on_reconnect is not None:
+            self._on_reconnect()
+        self._was_up = True
+
+    def _down(self) -> None:
+        pass
+
+    # -- live -----------------------------------------------------------------------------------------------
+    def _received(self, channel: bytes, payload: bytes) -> None:
+        name = channel.decode("utf-8", "replace")
+        if name == keys.CONTROL_CHANNEL or name == self._reply:
+            if self._on_control is not None:
+                asyncio.get_running_loop().create_task(self._on_control(payload))
+            return
+        try:
+            msg = decode_payload(payload)
+        except EventError as exc:
+            self.bad_payloads += 1
+            log.warning("dropped a malformed message on %s: %s", name[:200], str(exc)[:200])
+            return
+        if self._on_message is not None:
+            self._on_message(name, msg)
+
+    def subscribe(self, channel: str) -> Awaitable[None]:
+        return self.link.subscribe(channel)
+
+    def unsubscribe(self, channel: str) -> None:
+        self.link.unsubscribe(channel)
+
+    # -- history ----------------------------------------------------------------------------------------------
+    async def publish(self, app: str, user: str | None, event_id: str | None, event_type: str,
+                      data: bytes) -> Message:
+        channel = keys.broadcast_channel(app) if user is None else keys.user_channel(app, user)
+        try:
+            pos_raw, id_raw = await self._publish(
+                keys=[keys.seq_key(app), keys.history_key(app, user)],
+                args=[channel, event_id or "", event_type, data, self._size, self._ttl_ms])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return Message.build(id_raw.decode(), event_type, data, parse_position(pos_raw.decode()))
+
+    async def replay(self, app: str, user: str, last_id: str, *, known: bool = False) -> Replay:
+        if not self._size:
+            return Replay(reset="history is off")
+        if len(last_id) > MAX_LAST_EVENT_ID:
+            return Replay(reset="unknown id")
+        try:
+            # MAXLEN ~ keeps a little more than history_size: read past it
+            res = await self._replay(keys=[keys.history_key(app, user), keys.history_key(app, None)],
+                                     args=[last_id, self._size * 2 + 128, self._ttl_ms, "1" if known else "0"])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        status = res[0].decode()
+        if status != "ok":
+            return Replay(reset=status)
+        user_msgs = [m for m in map(_entry_to_message, res[2]) if m is not None]
+        b_msgs = [m for m in map(_entry_to_message, res[3]) if m is not None]
+        return Replay(messages=merge(user_msgs, b_msgs), after=parse_position(res[1].decode()))
+
+    async def head(self, app: str, user: str) -> Position | None:
+        try:
+            ms, n = await self.redis.hmget(keys.seq_key(app), ["ms", "n"])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return (int(ms), int(n)) if ms and n else None
+
+    # -- control plane ----------------------------------------------------------------------------------------
+    async def publish_control(self, payload: bytes) -> int:
+        try:
+            return int(await self.redis.publish(keys.CONTROL_CHANNEL, payload))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def send_reply(self, instance: str, payload: bytes) -> None:
+        try:
+            await self.redis.publish(keys.reply_channel(instance), payload)
+        except (RedisError, OSError) as exc:
+            log.warning("control reply to %s lost: %s", instance, exc)

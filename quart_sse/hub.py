@@ -1,0 +1,237 @@
+"""Local fan-out: channel -> the streams of this process that listen to it.
+
+The broker hands each message over once; the hub gives the very same `Message` (and its pre-encoded frame) to
+every subscriber. A subscriber is a bounded buffer plus at most one waiting future: the stream's generator drains
+everything queued into one chunk, so a burst costs one socket write per stream, not one per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from .broker.base import Broker
+from .events import PING, Message, Position
+from .tasks import cancel_and_wait
+
+log = logging.getLogger("quart_sse.hub")
+
+
+class Subscriber:
+    """One open stream's buffer. Not thread-safe; lives on the event loop."""
+
+    __slots__ = (
+        "_bytes",
+        "_expiry",
+        "_queue",
+        "_waiter",
+        "after",
+        "app",
+        "channels",
+        "closed",
+        "conn_id",
+        "created_at",
+        "last_pos",
+        "max_bytes",
+        "max_events",
+        "on_close",
+        "reason",
+        "remote_addr",
+        "user",
+    )
+
+    def __init__(self, conn_id: str, app: str, user: str, channels: tuple[str, ...], *, remote_addr: str = "",
+                 created_at: int = 0, max_events: int = 1000, max_bytes: int = 1 << 20) -> None:
+        self.conn_id = conn_id
+        self.app = app
+        self.user = user
+        self.channels = channels
+        self.remote_addr = remote_addr
+        self.created_at = created_at
+        self._queue: deque[Message] = deque()
+        self._bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.reason = ""
+        self.after: Position | None = None  # live copies at or before this position were replayed already
+        self.last_pos: Position | None = None  # newest history position delivered (resync point)
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._expiry: asyncio.TimerHandle | None = None
+        self.on_close: Callable[[Subscriber], None] | None = None
+
+    def push(self, msg: Message) -> None:
+        if self.closed:
+            return
+        q = self._queue
+        q.append(msg)
+        self._bytes += len(msg.frame)
+        if len(q) > self.max_events or self._bytes > self.max_bytes:
+            self.close("slow consumer")
+            return
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def expire_at(self, loop_time: float) -> None:
+        """End the stream when its token expires: one timer per stream, none per event."""
+        self._expiry = asyncio.get_running_loop().call_at(loop_time, self.close, "token expired")
+
+    def reorder(self) -> None:
+        """After a resync pushed missed history: position order, each position once, unpositioned last."""
+        seen: set[Position] = set()
+        positioned: list[Message] = []
+        other: list[Message] = []
+        for m in self._queue:
+            if m.pos is None:
+                other.append(m)
+            elif m.pos not in seen and (self.last_pos is None or m.pos > self.last_pos):
+                seen.add(m.pos)
+                positioned.append(m)
+        positioned.sort(key=lambda m: m.pos or (0, 0))
+        self._queue = deque(positioned + other)
+        self._bytes = sum(len(m.frame) for m in self._queue)
+
+    def pending(self) -> bool:
+        return bool(self._queue)
+
+    async def wait(self) -> None:
+        """Until something is queued or the stream is closed."""
+        if self._queue or self.closed:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiter = fut
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+    def drain(self) -> bytes:
+        """Everything queued, as one chunk; live copies of replayed events are dropped here."""
+        q = self._queue
+        after = self.after
+        if after is not None:
+            kept = [m for m in q if m.pos is None or m.pos > after]
+            if any(m.pos is not None for m in kept):
+                self.after = None  # positions only grow from here on
+            msgs: list[Message] | deque[Message] = kept
+        else:
+            msgs = q
+        if len(msgs) == 1:
+            m = msgs[0]
+            chunk = m.frame
+            if m.pos is not None:
+                self.last_pos = m.pos
+        else:
+            chunk = b"".join([m.frame for m in msgs])
+            for m in reversed(msgs):
+                if m.pos is not None:
+                    self.last_pos = m.pos
+                    break
+        self._queue = deque()
+        self._bytes = 0
+        return chunk if msgs else b""
+
+
+class _Channel:
+    __slots__ = ("ready", "subs")
+
+    def __init__(self, ready: Awaitable[None]) -> None:
+        self.subs: set[Subscriber] = set()
+        self.ready = ready
+
+
+class Hub:
+    """Maps channels to local subscribers and keeps the broker subscribed to exactly the channels in use."""
+
+    def __init__(self, broker: Broker, ping_interval: float) -> None:
+        self.broker = broker
+        self.ping_interval = ping_interval
+        self._channels: dict[str, _Channel] = {}
+        self.subscribers: set[Subscriber] = set()
+        self._ping_task: asyncio.Task[None] | None = None
+        self.on_deliver: Callable[[int], None] | None = None
+
+    def start(self) -> None:
+        self._ping_task = asyncio.get_running_loop().create_task(self._pinger(), name="hub-pinger")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._ping_task)
+
+    async def attach(self, sub: Subscriber, timeout: float = 5.0) -> None:
+        """Register `sub` and return once every channel it needs is confirmed upstream."""
+        self.subscribers.add(sub)
+        waits = []
+        for ch in sub.channels:
+            state = self._channels.get(ch)
+            if state is None:
+                state = self._channels[ch] = _Channel(self.broker.subscribe(ch))
+            state.subs.add(sub)
+            waits.append(state.ready)
+        try:
+            await asyncio.wait_for(asyncio.gather(*[asyncio.shield(w) for w in waits]), timeout)
+        except BaseException:
+            self.detach(sub)
+            raise
+
+    def detach(self, sub: Subscriber) -> None:
+        """Synchronous, so it is safe in a cancelled generator's `finally`."""
+        self.subscribers.discard(sub)
+        for ch in sub.channels:
+            state = self._channels.get(ch)
+            if state is None:
+                continue
+            state.subs.discard(sub)
+            if not state.subs:
+                del self._channels[ch]
+                self.broker.unsubscribe(ch)
+
+    def dispatch(self, channel: str, msg: Message) -> None:
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        for sub in state.subs:
+            sub.push(msg)
+        if self.on_deliver is not None:
+            self.on_deliver(len(state.subs))
+
+    def close_user(self, app: str, user: str, reason: str) -> int:
+        victims = [s for s in self.subscribers if s.app == app and s.user == user and not s.closed]
+        for s in victims:
+            s.close(reason)
+        return len(victims)
+
+    def close_all(self, reason: str) -> int:
+        victims = [s for s in self.subscribers if not s.closed]
+        for s in victims:
+            s.close(reason)
+        return len(victims)
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    async def _pinger(self) -> None:
+        """One timer for every stream: the same ping bytes go to all of them."""
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            for sub in list(self.subscribers):
+                sub.push(PING)

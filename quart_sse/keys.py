@@ -1,0 +1,45 @@
+"""Every Redis key and channel name the service uses, in one place.
+
+The seed's names (`{app}:channel:{user}`, `{app}:broadcast`, `{app}:client:{user}`) are kept verbatim. Our own keys
+put the app in a Redis Cluster hash tag (`sse:{app}:...`) so that the keys one Lua script touches share a slot.
+"""
+
+from __future__ import annotations
+
+CONTROL_CHANNEL = "sse:control"
+
+
+def user_channel(app: str, user: str) -> str:
+    return f"{app}:channel:{user}"
+
+
+def broadcast_channel(app: str) -> str:
+    return f"{app}:broadcast"
+
+
+def seed_client_hash(app: str, user: str) -> str:
+    return f"{app}:client:{user}"
+
+
+def history_key(app: str, user: str | None) -> str:
+    return f"sse:{{{app}}}:h:b" if user is None else f"sse:{{{app}}}:h:u:{user}"
+
+
+def seq_key(app: str) -> str:
+    return f"sse:{{{app}}}:seq"
+
+
+def app_conns_key(app: str) -> str:
+    return f"sse:{{{app}}}:conns"
+
+
+def user_conns_key(app: str, user: str) -> str:
+    return f"sse:{{{app}}}:u:{user}"
+
+
+def ticket_key(ticket: str) -> str:
+    return f"sse:ticket:{ticket}"
+
+
+def reply_channel(instance: str) -> str:
+    return f"sse:reply:{instance}"

@@ -1,0 +1,28 @@
+"""Prometheus metrics, one registry per app instance (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.streams_open = Gauge("sse_streams_open", "Streams open in this process", registry=r)
+        self.streams_opened = Counter("sse_streams_opened", "Streams opened", registry=r)
+        self.streams_refused = Counter("sse_streams_refused", "Streams refused, by reason", ["reason"], registry=r)
+        self.events_delivered = Counter("sse_events_delivered", "Events handed to local streams", registry=r)
+        self.events_dropped = Counter("sse_events_dropped", "Malformed pub/sub messages dropped", registry=r)
+        self.slow_disconnects = Counter("sse_slow_consumer_disconnects",
+                                        "Streams closed because their client could not keep up", registry=r)
+        self.publishes = Counter("sse_publishes", "Events published through this instance", ["kind"], registry=r)
+        self.publish_seconds = Histogram("sse_publish_duration_seconds", "Publish round trip (history + live)",
+                                         registry=r, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1))
+        self.redis_reconnects = Counter("sse_redis_reconnects", "Pub/sub link re-established", registry=r)
+        self.replays = Counter("sse_history_replays", "Streams resumed from history", registry=r)
+        self.resets = Counter("sse_history_resets", "Streams told to reset: history could not cover the gap",
+                              registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

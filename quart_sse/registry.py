@@ -1,0 +1,224 @@
+"""Who is connected where: the seed's listing shape, the seed's `{app}:client:{user}` hash, per-user caps.
+
+In Redis every live stream is a member of two sorted sets (per app and per user) scored by the time its entry
+expires; each instance re-writes its own entries every `ttl/3` seconds, so a crashed instance's streams drop out of
+listings and caps within `ttl` and a Redis restart is repaired by the next heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import keys
+from .broker.base import BrokerUnavailable
+from .tasks import cancel_and_wait
+
+log = logging.getLogger("quart_sse.registry")
+
+
+@dataclass(slots=True)
+class ConnRecord:
+    id: str
+    app: str
+    user: str
+    remote_addr: str
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    member: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.member = orjson.dumps(self.as_seed())
+
+    def as_seed(self) -> dict[str, Any]:
+        """The seed's JSON shape of one connection."""
+        return {"id": self.id, "created_at": self.created_at, "remote_addr": self.remote_addr,
+                "application": {"id": self.app}, "user": {"id": self.user}}
+
+
+class Registry(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def admit(self, rec: ConnRecord, cap: int) -> bool:
+        """Add `rec` unless its user already holds `cap` streams (0 = no cap) across all instances."""
+        ...
+
+    def release(self, rec: ConnRecord) -> None:
+        """Forget `rec`; synchronous so that a cancelled stream can call it from `finally`."""
+        ...
+
+    async def list_app(self, app: str) -> dict[str, dict[str, Any]]: ...
+
+    async def list_user(self, app: str, user: str) -> dict[str, Any]: ...
+
+    async def drain(self) -> None:
+        """Wait for pending releases (shutdown)."""
+        ...
+
+
+class MemoryRegistry:
+    def __init__(self) -> None:
+        self._apps: dict[str, dict[str, dict[str, ConnRecord]]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self._apps.clear()
+
+    async def admit(self, rec: ConnRecord, cap: int) -> bool:
+        users = self._apps.setdefault(rec.app, {})
+        conns = users.setdefault(rec.user, {})
+        if cap and len(conns) >= cap:
+            if not conns:
+                del users[rec.user]
+            return False
+        conns[rec.id] = rec
+        return True
+
+    def release(self, rec: ConnRecord) -> None:
+        users = self._apps.get(rec.app, {})
+        conns = users.get(rec.user)
+        if conns is not None:
+            conns.pop(rec.id, None)
+            if not conns:
+                del users[rec.user]
+                if not users:
+                    self._apps.pop(rec.app, None)
+
+    async def list_app(self, app: str) -> dict[str, dict[str, Any]]:
+        return {u: {c: r.as_seed() for c, r in conns.items()} for u, conns in self._apps.get(app, {}).items()}
+
+    async def list_user(self, app: str, user: str) -> dict[str, Any]:
+        return {c: r.as_seed() for c, r in self._apps.get(app, {}).get(user, {}).items()}
+
+    async def drain(self) -> None:
+        pass
+
+
+# KEYS: user set, app set. ARGV: now, expiry, member, cap, ttl seconds.
+ADMIT_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local cap = tonumber(ARGV[4])
+if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return 1
+"""
+
+# KEYS: user set, app set. ARGV: member, now. Returns how many live streams the user still has.
+RELEASE_LUA = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class RedisRegistry:
+    def __init__(self, redis: aioredis.Redis, ttl: int) -> None:
+        self.redis = redis
+        self.ttl = ttl
+        self._admit = redis.register_script(ADMIT_LUA)
+        self._release = redis.register_script(RELEASE_LUA)
+        self.local: dict[str, ConnRecord] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="registry-heartbeat")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._heartbeat)
+        await self.drain()
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def admit(self, rec: ConnRecord, cap: int) -> bool:
+        now = time.time()
+        try:
+            ok = await self._admit(keys=[keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)],
+                                   args=[now, now + self.ttl, rec.member, cap, self.ttl])
+            if not ok:
+                return False
+            h = keys.seed_client_hash(rec.app, rec.user)
+            async with self.redis.pipeline(transaction=False) as p:
+                p.hset(h, mapping={"application_id": rec.app, "user_id": rec.user,
+                                   "channel_id": keys.user_channel(rec.app, rec.user)})
+                p.expire(h, self.ttl)
+                await p.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        self.local[rec.id] = rec
+        return True
+
+    def release(self, rec: ConnRecord) -> None:
+        if self.local.pop(rec.id, None) is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._do_release(rec))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _do_release(self, rec: ConnRecord) -> None:
+        try:
+            left = await self._release(keys=[keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)],
+                                       args=[rec.member, time.time()])
+            if not left:
+                await self.redis.delete(keys.seed_client_hash(rec.app, rec.user))
+        except (RedisError, OSError) as exc:
+            log.warning("could not release connection %s (%s); it expires within %d s", rec.id, exc, self.ttl)
+
+    async def _live(self, key: str) -> list[dict[str, Any]]:
+        try:
+            members = await self.redis.zrangebyscore(key, time.time(), "+inf")
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return [orjson.loads(m) for m in members if isinstance(m, bytes | str)]
+
+    async def list_app(self, app: str) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for rec in await self._live(keys.app_conns_key(app)):
+            out.setdefault(rec["user"]["id"], {})[rec["id"]] = rec
+        return out
+
+    async def list_user(self, app: str, user: str) -> dict[str, Any]:
+        return {rec["id"]: rec for rec in await self._live(keys.user_conns_key(app, user))}
+
+    async def refresh(self) -> None:
+        """Re-write (not only re-expire) every local entry: after a Redis restart they are gone."""
+        recs = list(self.local.values())
+        expiry = time.time() + self.ttl
+        for i in range(0, len(recs), 500):
+            async with self.redis.pipeline(transaction=False) as p:
+                users: set[tuple[str, str]] = set()
+                for rec in recs[i:i + 500]:
+                    for key in (keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)):
+                        p.zadd(key, {rec.member: expiry})
+                        p.expire(key, self.ttl)
+                    users.add((rec.app, rec.user))
+                for app, user in users:
+                    h = keys.seed_client_hash(app, user)
+                    p.hset(h, mapping={"application_id": app, "user_id": user,
+                                       "channel_id": keys.user_channel(app, user)})
+                    p.expire(h, self.ttl)
+                await p.execute()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.refresh()
+            except (RedisError, OSError) as exc:
+                log.warning("registry heartbeat failed: %s", exc)

@@ -1,0 +1,142 @@
+"""Run the app on Hypercorn with the settings, SIGTERM handling that ends streams first, and optional workers.
+
+Hypercorn on its own would, on SIGTERM, keep serving open streams until `graceful_timeout` and only then run
+`after_serving`; here SIGTERM first ends every stream (final comment + jittered `retry:`), then stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from hypercorn.asyncio import run as hypercorn_run
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.config import Config
+
+from . import transports
+from .settings import Settings
+
+log = logging.getLogger("quart_sse.server")
+
+
+class _TrackedTCPServer(TCPServer):
+    """Hypercorn's connection handler, recording its transport so the app can abort a stalled client."""
+
+    async def run(self) -> None:
+        peer: Any = None
+        try:
+            peer = self.writer.get_extra_info("peername")
+            if isinstance(peer, tuple):
+                peer = (peer[0], peer[1])
+                transports.register(peer, self.writer.transport)
+        except OSError:
+            pass
+        try:
+            await super().run()
+        finally:
+            if isinstance(peer, tuple):
+                transports.unregister(peer)
+
+
+def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> Config:
+    cfg = Config()
+    cfg.bind = [f"fd://{sock.fileno()}"] if sock is not None else [f"{settings.app_host}:{settings.app_port}"]
+    cfg.graceful_timeout = settings.graceful_timeout
+    cfg.keep_alive_timeout = 5  # idle keep-alive connections and clients that never finish their headers
+    cfg.read_timeout = None
+    cfg.h11_max_incomplete_size = 16 * 1024  # request line + headers
+    cfg.backlog = 2048
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
+    return cfg
+
+
+def _raise_nofile() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+async def _serve(settings: Settings, sock: socket.socket | None) -> None:
+    from .app import create_app
+
+    app = create_app(settings)
+    services = app.extensions["quart_sse"]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signame: str) -> None:
+        if stop.is_set():
+            return
+        n = services.begin_shutdown()
+        log.info("%s: ending %d streams, then stopping", signame, n)
+        # let the streams' last bytes go out before Hypercorn stops accepting and waits on connections
+        loop.call_later(0.2, stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await hypercorn_serve(app, hypercorn_config(settings, sock), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def _worker(settings: Settings, sock: socket.socket | None) -> None:
+    _raise_nofile()
+    hypercorn_run.TCPServer = _TrackedTCPServer  # type: ignore[attr-defined,misc]
+    try:
+        import uvloop
+
+        uvloop.run(_serve(settings, sock))
+    except ImportError:  # pragma: no cover - uvloop is in requirements, but the service runs without it
+        asyncio.run(_serve(settings, sock))
+
+
+def serve(settings: Settings) -> int:
+    """Serve in this process, or fork `WORKERS` processes sharing one listening socket."""
+    if settings.workers <= 1:
+        _worker(settings, None)
+        return 0
+    sock = socket.create_server((settings.app_host, settings.app_port), backlog=2048, reuse_port=False)
+    sock.set_inheritable(True)
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                _worker(settings, sock)
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    sock.close()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for pid in children:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        code = code or (os.waitstatus_to_exitcode(status) != 0)
+    sys.stdout.flush()
+    return int(code)

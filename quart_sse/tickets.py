@@ -1,0 +1,78 @@
+"""Single-use, short-lived stream tickets, so browsers need not put a long-lived token in a URL (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Protocol
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import keys
+from .auth import Identity
+from .broker.base import BrokerUnavailable
+
+
+def _encode(ident: Identity) -> bytes:
+    return orjson.dumps({"app": ident.app, "user": ident.user, "scopes": sorted(ident.scopes), "exp": ident.exp})
+
+
+def _decode(raw: bytes) -> Identity:
+    d = orjson.loads(raw)
+    return Identity(app=d["app"], user=d["user"], scopes=frozenset(d["scopes"]), exp=d["exp"])
+
+
+class TicketStore(Protocol):
+    async def issue(self, ident: Identity, ttl: int) -> str: ...
+
+    async def redeem(self, ticket: str) -> Identity | None:
+        """The ticket's identity, once; None when unknown, used or expired."""
+        ...
+
+
+def new_ticket() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class MemoryTickets:
+    def __init__(self) -> None:
+        self._tickets: dict[str, tuple[float, Identity]] = {}
+
+    async def issue(self, ident: Identity, ttl: int) -> str:
+        now = time.monotonic()
+        for t, (exp, _) in list(self._tickets.items()):  # lazily forget the expired
+            if exp < now:
+                del self._tickets[t]
+        ticket = new_ticket()
+        self._tickets[ticket] = (now + ttl, ident)
+        return ticket
+
+    async def redeem(self, ticket: str) -> Identity | None:
+        entry = self._tickets.pop(ticket, None)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+
+class RedisTickets:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def issue(self, ident: Identity, ttl: int) -> str:
+        ticket = new_ticket()
+        try:
+            await self.redis.set(keys.ticket_key(ticket), _encode(ident), ex=ttl, nx=True)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return ticket
+
+    async def redeem(self, ticket: str) -> Identity | None:
+        if len(ticket) > 128:
+            return None
+        try:
+            raw = await self.redis.getdel(keys.ticket_key(ticket))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return _decode(raw) if isinstance(raw, bytes) else None

@@ -1,0 +1,32 @@
+"""The open client sockets of this process, by peer address, so that a stalled client can be aborted.
+
+Closing a stream whose client stopped reading is not enough: asyncio's `close()` waits for the send buffer to drain,
+which never happens. Only `transport.abort()` frees it. Hypercorn does not expose the transport to the app, so our
+server (quart_sse.server) records it here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+_open: dict[tuple[str, int], asyncio.BaseTransport] = {}
+
+
+def register(peer: tuple[str, int], transport: asyncio.BaseTransport) -> None:
+    _open[peer] = transport
+
+
+def unregister(peer: tuple[str, int]) -> None:
+    _open.pop(peer, None)
+
+
+def abort(peer: tuple[str, int] | None) -> bool:
+    transport = _open.pop(peer, None) if peer is not None else None
+    if transport is None:
+        return False
+    transport.abort()  # type: ignore[attr-defined]
+    return True
+
+
+def count() -> int:
+    return len(_open)

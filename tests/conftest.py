@@ -1,0 +1,68 @@
+"""Fixtures: a real redis-server (pytest-redis, free port), settings per broker, apps and live servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+from pytest_redis import factories
+
+from quart_sse.settings import Settings
+from tests.support import LiveServer, live_server, make_settings
+
+for _k in list(os.environ):  # a developer's shell must not change what is tested
+    if _k.startswith(("REDIS_", "JWT_", "APP_", "PING_", "MAX_CONNECTIONS", "CORS_", "HISTORY_", "SSE_")):
+        del os.environ[_k]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.exit("redis-server not found on PATH: install it (Debian/Ubuntu: apt-get install redis-server; "
+                    "macOS: brew install redis) and run make test again", returncode=3)
+
+
+redis_proc = factories.redis_proc(port=None, executable=shutil.which("redis-server") or "redis-server")
+
+
+@pytest.fixture
+def redis_url(redis_proc: Any) -> Iterator[str]:
+    """A clean database on the session's redis-server."""
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    client.close()
+    yield url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings_factory(broker_kind: str, request: pytest.FixtureRequest) -> Any:
+    """Build Settings for the parametrised broker; the Redis URL is filled in for the redis kind."""
+    url = request.getfixturevalue("redis_url") if broker_kind == "redis" else None
+
+    def build(**overrides: Any) -> Settings:
+        if url:
+            overrides.setdefault("redis_url", url)
+        return make_settings(**overrides)
+
+    return build
+
+
+@pytest.fixture
+def settings(settings_factory: Any) -> Settings:
+    s: Settings = settings_factory()
+    return s
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[LiveServer]:
+    async with live_server(settings) as srv:
+        yield srv

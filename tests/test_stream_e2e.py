@@ -1,0 +1,78 @@
+"""GET /sse over real HTTP on both brokers: headers, first bytes, wire format, pings, disconnect clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from quart_sse import keys
+from tests.support import LiveServer, auth, open_stream, token
+
+
+async def _publish(srv: LiveServer, app: str, user: str | None, body: dict[str, object]) -> httpx.Response:
+    s = srv.services.settings
+    path = f"/publish/{app}" + (f"/{user}" if user else "")
+    async with httpx.AsyncClient(base_url=srv.url) as c:
+        return await c.post(path, json=body, headers=auth(token(s, "backend", app, "publish")))
+
+
+async def test_stream_headers_and_first_bytes(server: LiveServer) -> None:
+    s = server.services.settings
+    st = await open_stream(server.port, headers=auth(token(s, "alice", "app1")))
+    try:
+        assert st.status == 200
+        assert st.headers["content-type"].startswith("text/event-stream")
+        assert st.headers["cache-control"] == "no-cache"
+        assert st.headers["x-accel-buffering"] == "no"
+        assert len(st.headers["x-connection-id"]) == 36
+        first = await asyncio.wait_for(st._read_body(), 2)  # before any event
+        assert first.startswith(b"retry: 3000\n")
+    finally:
+        await st.close()
+
+
+async def test_event_wire_format_is_the_seeds(server: LiveServer) -> None:
+    s = server.services.settings
+    st = await open_stream(server.port, headers=auth(token(s, "alice", "app1")))
+    try:
+        r = await _publish(server, "app1", "alice", {"id": "100", "type": "event", "data": {"hello": "world"}})
+        assert r.status_code == 202 and r.json() == {"id": "100"}
+        ev = await st.next_event()
+        assert ev is not None and (ev.id, ev.event, ev.json()) == ("100", "event", {"hello": "world"})
+        assert b'id: 100\nevent: event\ndata: {"hello":"world"}\n\n' in st.raw
+    finally:
+        await st.close()
+
+
+async def test_ping_has_no_id(settings_factory: object) -> None:
+    from tests.support import live_server
+
+    settings = settings_factory(ping_interval=0.2)  # type: ignore[operator]
+    async with live_server(settings) as srv:
+        st = await open_stream(srv.port, headers=auth(token(settings, "u", "app1")))
+        try:
+            ev = await st.next_event(skip_ping=False, timeout=3)
+            assert ev is not None and ev.event == "ping" and ev.id is None and ev.json() == {}
+            assert b"event: ping\ndata: {}\n\n" in st.raw
+        finally:
+            await st.close()
+
+
+async def test_disconnect_cleans_up_at_once(server: LiveServer) -> None:
+    s = server.services.settings
+    hub = server.services.hub
+    st = await open_stream(server.port, headers=auth(token(s, "alice", "app1")))
+    assert len(hub.subscribers) == 1 and hub.channel_count == 2
+    await st.close()
+    for _ in range(200):
+        if not hub.subscribers and hub.channel_count == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert not hub.subscribers and hub.channel_count == 0
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        r = await c.get("/connections/app1/alice", headers=auth(token(s, "alice", "app1")))
+    assert r.json() == {}
+    if s.redis_dsn:
+        link = server.services.broker.link
+        assert keys.user_channel("app1", "alice") not in link.desired
