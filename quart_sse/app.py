@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         JSON_SORT_KEYS=False,
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
     services = Services(settings)
     app.extensions["quart_sse"] = services
     auth.init_app(app, settings)

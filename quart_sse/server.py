@@ -53,7 +53,9 @@ def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> C
     cfg.read_timeout = None
     cfg.h11_max_incomplete_size = 16 * 1024  # request line + headers
     cfg.backlog = 2048
-    cfg.accesslog = None
+    # the path without its query string: tokens and tickets travel in `?token=` / `?ticket=` and must never be logged
+    cfg.accesslog = logging.getLogger("hypercorn.access")  # type: ignore[assignment]
+    cfg.access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(D)sus'
     cfg.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
     return cfg
 
