@@ -41,6 +41,11 @@ def check_line(field: str, value: object, max_len: int, *, allow_empty: bool = F
         raise EventError(field, f"must be at most {max_len} characters")
     if _BAD_LINE_CHARS.search(value):
         raise EventError(field, "must not contain control characters (CR, LF, NUL, ...)")
+    if not value.isascii():
+        try:  # a lone surrogate (possible from Python callers) cannot be written as UTF-8
+            value.encode()
+        except UnicodeEncodeError:
+            raise EventError(field, "must be valid Unicode (no lone surrogates)") from None
     return value
 
 
@@ -52,15 +57,24 @@ def dump_data(data: Any) -> bytes:
         raise EventError("data", f"not serialisable as JSON: {exc}") from None
     if len(out) > MAX_DATA_BYTES:
         raise EventError("data", f"must be at most {MAX_DATA_BYTES} bytes as JSON")
-    return out
+    return bytes(memoryview(out))  # exact-size copy: orjson's output holds a 4 KiB buffer, history keeps these
+
+
+_MAX_U64 = (1 << 64) - 1
 
 
 def parse_position(value: str) -> Position | None:
-    """`<ms>-<seq>` (a Redis stream id) to a comparable tuple; None for anything else."""
-    ms, sep, seq = value.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit() or len(value) > 41:
+    """`<ms>-<seq>` (a Redis stream id: two unsigned 64-bit ints) to a comparable tuple; None for anything else.
+
+    ASCII digits only: `str.isdigit()` also admits e.g. '²', which `int()` refuses (a 500 on a Last-Event-ID).
+    """
+    if len(value) > 41 or not value.isascii():
         return None
-    return int(ms), int(seq)
+    ms, sep, seq = value.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit():
+        return None
+    pos = int(ms), int(seq)
+    return pos if pos[0] <= _MAX_U64 and pos[1] <= _MAX_U64 else None
 
 
 def format_position(pos: Position) -> str:
@@ -100,8 +114,34 @@ class Message:
 def decode_payload(raw: bytes | str) -> Message:
     """A pub/sub payload (ours or a raw seed-style PUBLISH) to a Message; EventError when it must be dropped.
 
-    Anything can arrive on a channel, so every field is re-checked exactly as the publish route checks it.
+    Anything can arrive on a channel, so every field is re-checked exactly as the publish route checks it, and no
+    other exception may escape: this runs inside the pub/sub reader, which must survive any payload.
     """
+    try:
+        return _decode_payload(raw)
+    except EventError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - defence in depth, see above
+        raise EventError("payload", f"unreadable: {type(exc).__name__}") from None
+
+
+def checked_message(event_id: str | None, event_type: str, data_json: bytes, pos: Position | None) -> Message:
+    """A Message from fields read back from Redis history (anyone with Redis access can XADD): re-checked."""
+    if event_id is not None:
+        check_line("id", event_id, MAX_ID_LEN)
+    check_line("type", event_type, MAX_TYPE_LEN)
+    if len(data_json) > MAX_DATA_BYTES:
+        raise EventError("data", "too large")
+    try:
+        value = orjson.loads(data_json)
+    except orjson.JSONDecodeError:
+        raise EventError("data", "not JSON") from None
+    if b"\n" in data_json or b"\r" in data_json:  # JSON may carry raw line breaks between tokens: one line again
+        data_json = orjson.dumps(value)
+    return Message.build(event_id, event_type, data_json, pos)
+
+
+def _decode_payload(raw: bytes | str) -> Message:
     if len(raw) > MAX_RAW_PAYLOAD:
         raise EventError("payload", "too large")
     try:

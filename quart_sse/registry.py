@@ -34,7 +34,8 @@ class ConnRecord:
     member: bytes = b""
 
     def __post_init__(self) -> None:
-        self.member = orjson.dumps(self.as_seed())
+        # a copy: orjson's output keeps a 4 KiB buffer, and this lives as long as the stream
+        self.member = bytes(memoryview(orjson.dumps(self.as_seed())))
 
     def as_seed(self) -> dict[str, Any]:
         """The seed's JSON shape of one connection."""
