@@ -167,7 +167,7 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self.subscribers: set[Subscriber] = set()
         self._ping_task: asyncio.Task[None] | None = None
-        self.on_deliver: Callable[[int], None] | None = None
+        self.on_deliver: Callable[[int, Message], None] | None = None
 
     def start(self) -> None:
         self._ping_task = asyncio.get_running_loop().create_task(self._pinger(), name="hub-pinger")
@@ -210,7 +210,7 @@ class Hub:
         for sub in state.subs:
             sub.push(msg)
         if self.on_deliver is not None:
-            self.on_deliver(len(state.subs))
+            self.on_deliver(len(state.subs), msg)
 
     def close_user(self, app: str, user: str, reason: str) -> int:
         victims = [s for s in self.subscribers if s.app == app and s.user == user and not s.closed]

@@ -1,15 +1,23 @@
-"""Prometheus metrics, one registry per app instance (tests build many apps in one process)."""
+"""Prometheus metrics, one registry per app instance (tests build many apps in one process).
+
+With WORKERS > 1 the server sets PROMETHEUS_MULTIPROC_DIR before the workers import prometheus_client, so every
+worker writes its values to shared files and whichever worker answers /metrics reports the sum of all of them.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.streams_open = Gauge("sse_streams_open", "Streams open in this process", registry=r)
+        self.streams_open = Gauge("sse_streams_open", "Streams open (all workers of this instance)", registry=r,
+                                  multiprocess_mode="livesum")
         self.streams_opened = Counter("sse_streams_opened", "Streams opened", registry=r)
         self.streams_refused = Counter("sse_streams_refused", "Streams refused, by reason", ["reason"], registry=r)
         self.events_delivered = Counter("sse_events_delivered", "Events handed to local streams", registry=r)
@@ -19,10 +27,17 @@ class Metrics:
         self.publishes = Counter("sse_publishes", "Events published through this instance", ["kind"], registry=r)
         self.publish_seconds = Histogram("sse_publish_duration_seconds", "Publish round trip (history + live)",
                                          registry=r, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1))
+        self.delivery_seconds = Histogram(
+            "sse_delivery_latency_seconds", "From publish (history position time) to hand-over to local streams",
+            registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.redis_reconnects = Counter("sse_redis_reconnects", "Pub/sub link re-established", registry=r)
         self.replays = Counter("sse_history_replays", "Streams resumed from history", registry=r)
         self.resets = Counter("sse_history_resets", "Streams told to reset: history could not cover the gap",
                               registry=r)
 
     def render(self) -> tuple[bytes, str]:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

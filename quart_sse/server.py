@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from hypercorn.asyncio import run as hypercorn_run
@@ -80,7 +81,7 @@ async def _serve(settings: Settings, sock: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(signame: str) -> None:
-        if stop.is_set():
+        if services.shutting_down:
             return
         n = services.begin_shutdown()
         log.info("%s: ending %d streams, then stopping", signame, n)
@@ -104,25 +105,32 @@ def _worker(settings: Settings, sock: socket.socket | None) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Serve in this process, or fork `WORKERS` processes sharing one listening socket."""
+    """Serve in this process, or fork `WORKERS` processes, each with its own SO_REUSEPORT socket on the port.
+
+    One shared accept socket would let the first idle worker win most connections; with SO_REUSEPORT the kernel
+    spreads them over the workers by connection hash.
+    """
     if settings.workers <= 1:
         _worker(settings, None)
         return 0
-    sock = socket.create_server((settings.app_host, settings.app_port), backlog=2048, reuse_port=False)
-    sock.set_inheritable(True)
+    # metrics of all workers in one answer (quart_sse.metrics); must be set before prometheus_client is imported
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="quart-sse-metrics-"))
+    with socket.create_server((settings.app_host, settings.app_port), reuse_port=True):
+        pass  # fail here, once, if the port is taken (the workers bind their own sockets)
     children: list[int] = []
     for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # child
             code = 0
             try:
+                sock = socket.create_server((settings.app_host, settings.app_port), backlog=2048,
+                                            reuse_port=True)
                 _worker(settings, sock)
             except BaseException:  # noqa: BLE001
                 code = 1
             finally:
                 os._exit(code)
         children.append(pid)
-    sock.close()
 
     def forward(signum: int, _frame: Any) -> None:
         for pid in children:
@@ -140,5 +148,9 @@ def serve(settings: Settings) -> int:
             except InterruptedError:
                 continue
         code = code or (os.waitstatus_to_exitcode(status) != 0)
+        with contextlib.suppress(Exception):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
     sys.stdout.flush()
     return int(code)

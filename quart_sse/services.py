@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections import defaultdict
 
@@ -38,6 +39,7 @@ class Services:
 
             rb = RedisBroker(dsn, self.instance, settings.history_size, settings.history_ttl,
                              sharded=settings.redis_cluster)
+            rb.on_drop = self.metrics.events_dropped.inc
             self.broker = rb
             self.registry = RedisRegistry(rb.redis, settings.registry_ttl)
             self.tickets = RedisTickets(rb.redis)
@@ -46,11 +48,17 @@ class Services:
             self.registry = MemoryRegistry()
             self.tickets = MemoryTickets()
         self.hub = Hub(self.broker, settings.ping_interval)
-        self.hub.on_deliver = self.metrics.events_delivered.inc
+        self.hub.on_deliver = self._delivered
         self.control = Control(self.broker, self.hub, self.instance)
         self.publisher = Publisher(self.broker)
         self.shutting_down = False
         self._resync: asyncio.Task[None] | None = None
+
+    def _delivered(self, n: int, msg: Message) -> None:
+        """Once per message, not per stream: the count handed to local streams, and publish-to-send latency."""
+        self.metrics.events_delivered.inc(n)
+        if msg.pos is not None:
+            self.metrics.delivery_seconds.observe(max(0.0, time.time() - msg.pos[0] / 1000))
 
     async def start(self) -> None:
         where = f"redis broker at {self._redacted()}" if self.broker.name == "redis" else \

@@ -246,7 +246,8 @@ class ServiceProcess:
         raise RuntimeError(f"service not up: {self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:

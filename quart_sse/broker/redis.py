@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .. import keys
-from ..events import EventError, Message, Position, decode_payload, parse_position
+from ..events import EventError, Message, Position, checked_message, decode_payload, parse_position
 from .base import BrokerUnavailable, OnControl, OnMessage, OnReconnect, Replay
 from .history import MAX_LAST_EVENT_ID, merge
 from .pubsub import PubSubLink
@@ -57,8 +57,9 @@ local function id_of(fields)
 end
 local function find(key)
   if string.match(last, '^%d+%-%d+$') then
-    local e = redis.call('XRANGE', key, last, last)
-    if #e > 0 and id_of(e[1][2]) == last then return e[1][1] end
+    -- pcall: an id shaped like a position but beyond 64 bits is an error to XRANGE, not a reason to fail
+    local e = redis.pcall('XRANGE', key, last, last)
+    if type(e) == 'table' and e.err == nil and #e > 0 and id_of(e[1][2]) == last then return e[1][1] end
   end
   local entries = redis.call('XREVRANGE', key, '+', '-', 'COUNT', limit)
   for i = 1, #entries do
@@ -105,12 +106,13 @@ return {'ok', after, redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', l
 
 
 def _entry_to_message(entry: list[Any]) -> Message | None:
+    """A history entry, re-checked like a raw PUBLISH (anyone with Redis access can XADD); None to skip it."""
     pos = parse_position(entry[0].decode())
     f = entry[1]
     fields = {f[i]: f[i + 1] for i in range(0, len(f), 2)}
     try:
-        return Message.build(fields[b"id"].decode(), fields[b"type"].decode(), fields[b"data"], pos)
-    except (KeyError, UnicodeDecodeError):
+        return checked_message(fields[b"id"].decode(), fields[b"type"].decode(), fields[b"data"], pos)
+    except (KeyError, UnicodeDecodeError, EventError):
         return None
 
 
@@ -135,6 +137,7 @@ class RedisBroker:
         self._reply = keys.reply_channel(instance)
         self._was_up = False
         self.bad_payloads = 0
+        self.on_drop: Callable[[], None] | None = None
         self.link = PubSubLink(url, self._received, self._up, self._down, sharded=sharded)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -176,6 +179,8 @@ class RedisBroker:
             msg = decode_payload(payload)
         except EventError as exc:
             self.bad_payloads += 1
+            if self.on_drop is not None:
+                self.on_drop()
             log.warning("dropped a malformed message on %s: %s", name[:200], str(exc)[:200])
             return
         if self._on_message is not None:

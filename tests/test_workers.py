@@ -1,0 +1,65 @@
+"""WORKERS=2: two processes share one port and behave as one service; /metrics sums both workers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import RedisServer, ServiceProcess, auth, free_port, make_settings, open_stream, token
+
+pytestmark = pytest.mark.slow
+SETTINGS = make_settings()
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert m, f"{name} missing"
+    return float(m.group(1))
+
+
+async def test_two_workers_one_service(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    svc = ServiceProcess(free_port(), {"REDIS_URL": redis.url, "WORKERS": "2"}, tmp_path / "svc.log")
+    streams = []
+    try:
+        await svc.wait_ready()
+        instances: set[str] = set()
+        for _ in range(40):  # a new connection each time: the kernel spreads them over both workers
+            async with httpx.AsyncClient(base_url=svc.url) as c:
+                instances.add((await c.get("/ready")).json()["instance"])
+            if len(instances) == 2:
+                break
+        assert len(instances) == 2, "both workers should answer"
+        streams = [await open_stream(svc.port, headers=auth(token(SETTINGS, "alice", "shop"))) for _ in range(8)]
+        assert all(s.status == 200 for s in streams)
+        async with httpx.AsyncClient(base_url=svc.url) as c:
+            r = await c.post("/publish/shop/alice", json={"type": "t", "data": 1},
+                             headers=auth(token(SETTINGS, "b", "shop", "publish")))
+            assert r.status_code == 202
+            for s in streams:  # whichever worker holds it
+                ev = await s.next_event()
+                assert ev is not None and ev.id == r.json()["id"]
+            metrics = (await c.get("/metrics")).text
+            assert _metric(metrics, "sse_streams_open") == 8  # both workers' streams, from either worker
+            assert _metric(metrics, "sse_events_delivered_total") == 8
+        for s in streams:
+            await s.close()
+        streams = []
+        async with httpx.AsyncClient(base_url=svc.url) as c:
+            for _ in range(100):
+                if _metric((await c.get("/metrics")).text, "sse_streams_open") == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert _metric((await c.get("/metrics")).text, "sse_streams_open") == 0
+        assert svc.stop() == 0
+        assert "Traceback" not in svc.log()
+    finally:
+        for s in streams:
+            await s.close()
+        svc.stop()
+        redis.stop()
