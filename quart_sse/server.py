@@ -20,11 +20,13 @@ from hypercorn.asyncio import run as hypercorn_run
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
 
 from . import transports
 from .settings import Settings
 
 log = logging.getLogger("quart_sse.server")
+_HIGH_WATER = 64 * 1024  # asyncio's default high-water mark for a transport's write buffer
 
 
 class _TrackedTCPServer(TCPServer):
@@ -44,6 +46,34 @@ class _TrackedTCPServer(TCPServer):
         finally:
             if isinstance(peer, tuple):
                 transports.unregister(peer)
+
+    async def protocol_send(self, event: Event) -> None:
+        """Hypercorn takes a lock and awaits `drain()` for every chunk; an SSE stream writes many small chunks.
+
+        When nobody else holds the lock and the transport is not paused, write directly: no await happens between
+        the check and the write, so ordering is the same as under the lock. `drain()` is awaited only when the
+        transport's buffer is above its high-water mark (a slow client), exactly when it would have blocked.
+        """
+        if type(event) is RawData and not self.send_lock.locked():
+            writer = self.writer
+            try:
+                writer.write(event.data)
+            except (ConnectionError, RuntimeError):
+                await self.protocol.handle(Closed())
+                return
+            if writer.transport.get_write_buffer_size() > _HIGH_WATER:
+                async with self.send_lock:
+                    try:
+                        await writer.drain()
+                    except (ConnectionError, RuntimeError):
+                        await self.protocol.handle(Closed())
+            return
+        await super().protocol_send(event)
+
+
+def install_connection_handler() -> None:
+    """Make Hypercorn's asyncio worker use our connection handler (transport registry, lock-free writes)."""
+    hypercorn_run.TCPServer = _TrackedTCPServer  # type: ignore[attr-defined,misc]
 
 
 def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> Config:
@@ -95,7 +125,7 @@ async def _serve(settings: Settings, sock: socket.socket | None) -> None:
 
 def _worker(settings: Settings, sock: socket.socket | None) -> None:
     _raise_nofile()
-    hypercorn_run.TCPServer = _TrackedTCPServer  # type: ignore[attr-defined,misc]
+    install_connection_handler()
     try:
         import uvloop
 

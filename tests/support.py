@@ -22,7 +22,7 @@ from quart import Quart
 
 from quart_sse.app import create_app
 from quart_sse.auth import mint
-from quart_sse.server import hypercorn_config
+from quart_sse.server import hypercorn_config, install_connection_handler
 from quart_sse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +182,7 @@ class LiveServer:
 
     async def start(self) -> None:
         settings = self.services.settings
+        install_connection_handler()  # the same connection handler as `python -m quart_sse serve`
         cfg = hypercorn_config(settings)
         cfg.bind = [f"127.0.0.1:{self.port}"]
         self._task = asyncio.get_running_loop().create_task(
