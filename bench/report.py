@@ -1,0 +1,123 @@
+"""Turn a run's result dict into a terminal table and a JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import RATIO_KEYS, dig
+
+# (label, dotted path into a target's result, format)
+ROWS: list[tuple[str, str, str]] = [
+    ("server processes", "server_procs", "{:.0f}"),
+    ("broker", "broker", "{}"),
+    ("client processes", "clients", "{:.0f}"),
+    ("streams connected", "connect.ok", "{:.0f}"),
+    ("streams failed", "connect.failed", "{:.0f}"),
+    ("time to connect all (s)", "connect.seconds", "{:.2f}"),
+    ("connect p50 (ms)", "connect.p50_ms", "{:.1f}"),
+    ("connect p99 (ms)", "connect.p99_ms", "{:.1f}"),
+    ("server RSS before (MiB)", "server_rss.before_kb", "kb"),
+    ("server RSS after (MiB)", "server_rss.after_kb", "kb"),
+    ("server RSS per stream (KiB)", "server_rss.per_stream_kb", "{:.1f}"),
+    ("redis RSS per stream (KiB)", "redis_rss.per_stream_kb", "{:.1f}"),
+    ("measured window (s)", "window_s", "{:.2f}"),
+    ("idle server CPU (%)", "idle.server_cpu_pct", "{:.2f}"),
+    ("idle redis CPU (%)", "idle.redis_cpu_pct", "{:.2f}"),
+    ("pings received /s", "idle.pings_per_s", "{:.1f}"),
+    ("streams dropped by server", "idle.drops", "{:.0f}"),
+    ("published", "events.published", "{:.0f}"),
+    ("publish rate achieved (/s)", "events.publish_rate", "{:.1f}"),
+    ("expected deliveries", "events.expected", "{:.0f}"),
+    ("delivered", "events.delivered", "{:.0f}"),
+    ("lost", "events.lost", "{:.0f}"),
+    ("loss (%)", "events.loss_pct", "{:.3f}"),
+    ("delivered events /s", "events.delivered_per_s", "{:.0f}"),
+    ("latency p50 (ms)", "events.p50_ms", "{:.2f}"),
+    ("latency p99 (ms)", "events.p99_ms", "{:.2f}"),
+    ("latency max (ms)", "events.max_ms", "{:.2f}"),
+    ("re-ordered events", "events.reordered", "{:.0f}"),
+    ("streams dropped by server", "events.drops", "{:.0f}"),
+    ("churn connects /s", "churn.connects_per_s", "{:.1f}"),
+    ("churn disconnects /s", "churn.disconnects_per_s", "{:.1f}"),
+    ("churn connect p50 (ms)", "churn.p50_ms", "{:.1f}"),
+    ("churn connect p99 (ms)", "churn.p99_ms", "{:.1f}"),
+    ("churn failed", "churn.failed", "{:.0f}"),
+    ("churn skipped (client cap)", "churn.skipped", "{:.0f}"),
+    ("server CPU (s)", "server.cpu_s", "{:.2f}"),
+    ("server CPU (%)", "server.cpu_pct", "{:.1f}"),
+    ("redis CPU (s)", "server.redis_cpu_s", "{:.2f}"),
+    ("EVENTS PER SERVER CPU-s", "server.events_per_cpu_s", "{:.0f}"),
+    ("events per (server+redis) CPU-s", "server.events_per_cpu_s_with_redis", "{:.0f}"),
+    ("client CPU, busiest proc (%)", "client.cpu_pct_max", "{:.1f}"),
+    ("client CPU, all procs (%)", "client.cpu_pct_total", "{:.1f}"),
+    ("publisher CPU (%)", "client.publisher_cpu_pct", "{:.1f}"),
+]
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if fmt == "kb":
+        return f"{value / 1024:.1f}"
+    return fmt.format(value)
+
+
+def table(result: dict[str, Any]) -> str:
+    """Rows of figures, one column per target, plus ours/baseline where both ran."""
+    targets: dict[str, Any] = result["targets"]
+    names = list(targets)
+    ratio: dict[str, float] = result.get("ratio_ours_to_baseline", {})
+    cols = [*names, "ours/baseline"] if ratio else names
+    lines = [f"scenario: {result['scenario']}   publish via: {result['publish']}   "
+             f"server workers: {result['server_workers']}   server cpu: {result['server_cpu'] or 'any'}"]
+    head = f"{'':34}" + "".join(f"{c:>16}" for c in cols)
+    lines += [head, "-" * len(head)]
+    for label, path, fmt in ROWS:
+        vals = [dig(targets[n], path) for n in names]
+        if all(v is None for v in vals):
+            continue
+        row = f"{label:34}" + "".join(f"{_fmt(v, fmt):>16}" for v in vals)
+        if ratio:
+            r = ratio.get(path)
+            row += f"{(f'{r:.2f}x' if r is not None else ''):>16}"
+        lines.append(row)
+    for name in names:
+        t = targets[name]
+        if t.get("connect", {}).get("reasons"):
+            lines.append(f"{name} connect failures: {t['connect']['reasons']}")
+        if dig(t, "events.publish_errors"):
+            lines.append(f"{name} publish errors: {t['events']['publish_errors']}")
+    for name, err in result.get("errors", {}).items():
+        lines.append(f"{name} FAILED: {err}")
+    if "server.events_per_cpu_s" in ratio:
+        o = targets["ours"]["server"]["events_per_cpu_s"]
+        lines.append(f"key figure: ours delivers {o:.0f} events per server CPU-second, "
+                     f"{ratio['server.events_per_cpu_s']:.2f}x the baseline")
+    if "client" in next(iter(targets.values()), {}):
+        busiest = max((dig(t, "client.cpu_pct_max") or 0) for t in targets.values())
+        if busiest > 85:
+            lines.append(f"warning: a client process ran at {busiest:.0f}% CPU: the harness may be the limit "
+                         "(add --clients or --client-cpu)")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    lines += [f"ratio direction: {k}: {d}" for k, d in RATIO_KEYS if k in ratio and k.endswith(("ms", "kb", "pct"))]
+    return "\n".join(lines)
+
+
+def _clean(v: Any) -> Any:
+    """NaN is not JSON: write null."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(_clean(result), indent=2, default=str) + "\n")
