@@ -15,7 +15,7 @@ RUN pip install -r requirements.txt \
 COPY quart_sse ./quart_sse
 COPY blueprints ./blueprints
 
-USER sse
+USER 10001
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('APP_PORT', '8080'), timeout=2)"]

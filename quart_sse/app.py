@@ -14,6 +14,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or load_settings()
     setup_logging(settings)
     app = Quart("quart_sse")
+    # no 308 HTML redirect from `/publish//u` to `/publish/u` (another route, another app): an empty segment is a 404
+    app.url_map.merge_slashes = False
     app.config.update(
         RESPONSE_TIMEOUT=None,  # Quart would end every response (streams included) after 60 s
         BODY_TIMEOUT=10,
@@ -32,10 +34,11 @@ def create_app(settings: Settings | None = None) -> Quart:
     from blueprints.demo import bp as demo_bp
     from blueprints.health import bp as health_bp
     from blueprints.metrics import bp as metrics_bp
+    from blueprints.openapi import bp as openapi_bp
     from blueprints.publish import bp as publish_bp
     from blueprints.stream import bp as stream_bp
 
-    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp):
+    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp):
         app.register_blueprint(bp)
 
     @app.before_serving

@@ -86,3 +86,4 @@ async def connect(redis_url: str, history_size: int = 1000, history_ttl: int = 3
         yield Publisher(broker)
     finally:
         await broker.redis.aclose()
+        await broker.redis.connection_pool.disconnect()  # aclose() leaves a pool it did not create open

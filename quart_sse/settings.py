@@ -21,40 +21,59 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
                                       case_sensitive=False)
 
-    app_name: str = "sse-service"
-    app_host: str = "0.0.0.0"
-    app_port: int = Field(8080, ge=1, le=65535)
-    app_mode: Literal["debug", "production"] = "debug"
-    workers: int = Field(1, ge=1, le=64)
+    app_name: str = Field("sse-service", description="Name of the service (container names, the first log line).")
+    app_host: str = Field(
+        "0.0.0.0", description="Address to listen on: 0.0.0.0 every interface, 127.0.0.1 this machine only.")
+    app_port: int = Field(8080, ge=1, le=65535, description="Port the service listens on.")
+    app_mode: Literal["debug", "production"] = Field(
+        "debug", description="debug: text logs, detailed 401s, /demo/token; production: JSON logs, strict JWT_SECRET.")
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="Processes sharing the listening socket; above 1 needs Redis (in-process brokers do not share).")
 
-    redis_url: str | None = None
-    redis_host: str | None = None
-    redis_port: int = Field(6379, ge=1, le=65535)
-    redis_cluster: bool = False
+    redis_url: str | None = Field(
+        None, description="Redis URL (rediss:// for TLS); wins over REDIS_HOST. Neither set: the in-process broker.")
+    redis_host: str | None = Field(
+        None, description="Redis host, used when REDIS_URL is unset (docker compose sets redis).")
+    redis_port: int = Field(6379, ge=1, le=65535, description="Redis port, used with REDIS_HOST.")
+    redis_cluster: bool = Field(False, description="true: REDIS_URL names one node of a Redis Cluster.")
 
-    jwt_secret: SecretStr
-    jwt_algorithm: Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"] = "HS256"
-    jwt_public_key: str | None = None
-    jwt_leeway: int = Field(0, ge=0, le=300)
-    jwt_audience: str | None = None
-    jwt_issuers: str = ""
-    jwt_cookie_name: str = "access_token_cookie"
-    jwt_max_bytes: int = Field(8192, ge=256)
+    jwt_secret: SecretStr = Field(
+        description="Verifies HS* token signatures; production refuses under 32 bytes or the example's value.")
+    jwt_algorithm: Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"] = Field(
+        "HS256", description="The one algorithm tokens may use; RS*/ES* verify with JWT_PUBLIC_KEY.")
+    jwt_public_key: str | None = Field(None, description="PEM public key, required for RS*/ES* algorithms.")
+    jwt_leeway: int = Field(
+        0, ge=0, le=300, description="Seconds of clock skew allowed on exp/nbf/iat; a stream ends at exp plus this.")
+    jwt_audience: str | None = Field(None, description="When set, tokens must carry this aud claim.")
+    jwt_issuers: str = Field("", description="Comma-separated allow-list of iss (application ids); empty: any.")
+    jwt_cookie_name: str = Field(
+        "access_token_cookie", description="Cookie the token may be read from, after the header and query parameters.")
+    jwt_max_bytes: int = Field(8192, ge=256, description="Longest token accepted, in bytes.")
 
-    ping_interval: float = Field(30.0, gt=0)
-    sse_retry_ms: int = Field(3000, ge=0)
-    max_connections_per_user: int = Field(0, ge=0)
-    max_connections: int = Field(0, ge=0)
-    queue_max_events: int = Field(1000, ge=1)
-    queue_max_bytes: int = Field(1 << 20, ge=1024)
-    cors_origins: str = "*"
-    history_size: int = Field(1000, ge=0)
-    history_ttl: int = Field(3600, ge=0)
-    registry_ttl: int = Field(30, ge=3)
-    ticket_ttl: int = Field(30, ge=1, le=60)
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
-    graceful_timeout: float = Field(5.0, ge=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+    ping_interval: float = Field(30.0, gt=0, description="Seconds between keep-alive ping events on every stream.")
+    sse_retry_ms: int = Field(
+        3000, ge=0, description="The retry: announced to clients, in ms (a shutdown adds up to 10 s of jitter).")
+    max_connections_per_user: int = Field(
+        0, ge=0, description="Open streams per app and user across all instances (over it: 429); 0: no cap.")
+    max_connections: int = Field(0, ge=0, description="Open streams on this instance (over it: 503); 0: no cap.")
+    queue_max_events: int = Field(
+        1000, ge=1, description="Events queued for one slow stream before it is disconnected.")
+    queue_max_bytes: int = Field(
+        1 << 20, ge=1024, description="Bytes queued for one slow stream before it is disconnected.")
+    cors_origins: str = Field(
+        "*", description="* (without credentials) or a comma-separated list of origins allowed with credentials.")
+    history_size: int = Field(
+        1000, ge=0, description="Events kept per user and per app broadcast for Last-Event-ID resume; 0: no history.")
+    history_ttl: int = Field(3600, ge=0, description="Seconds history is kept after its last event.")
+    registry_ttl: int = Field(30, ge=3, description="Seconds after which a dead instance's connections stop counting.")
+    ticket_ttl: int = Field(30, ge=1, le=60, description="Lifetime of a POST /sse/ticket ticket, in seconds.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted (over it: 413).")
+    graceful_timeout: float = Field(
+        5.0, ge=0,
+        description="Seconds a SIGTERM waits for open requests; keep a container's stop grace period above it.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        None, description="DEBUG, INFO, WARNING or ERROR; unset: INFO.")
 
     @field_validator("jwt_secret")
     @classmethod
@@ -76,6 +95,8 @@ class Settings(BaseSettings):
                 raise ValueError("JWT_SECRET: production needs a secret of at least 32 bytes, not the example's")
         if self.jwt_algorithm[:2] in ("RS", "ES") and not self.jwt_public_key:
             raise ValueError(f"JWT_PUBLIC_KEY: required for JWT_ALGORITHM={self.jwt_algorithm}")
+        if self.jwt_algorithm[:2] in ("RS", "ES") and self.jwt_public_key:
+            self.jwt_public_key = _check_public_key(self.jwt_algorithm, self.jwt_public_key)
         return self
 
     @property
@@ -102,6 +123,24 @@ class Settings(BaseSettings):
     @property
     def history_enabled(self) -> bool:
         return self.history_size > 0
+
+
+def _check_public_key(algorithm: str, pem: str) -> str:
+    """Load the key at start-up (a bad one would otherwise turn every request into a 401).
+
+    A one-line PEM with literal `\\n` (as .env files and CI secrets often carry it) is accepted too.
+    """
+    if "\n" not in pem and "\\n" in pem:
+        pem = pem.replace("\\n", "\n")
+    if "PRIVATE KEY" in pem:
+        raise ValueError("JWT_PUBLIC_KEY: this is a private key; the service needs the public key only")
+    from jwt.algorithms import get_default_algorithms
+
+    try:
+        get_default_algorithms()[algorithm].prepare_key(pem)
+    except Exception as exc:  # noqa: BLE001 - whatever the key loader raises, the setting is wrong
+        raise ValueError(f"JWT_PUBLIC_KEY: not a valid public key for {algorithm} ({type(exc).__name__})") from None
+    return pem
 
 
 def load_settings(**overrides: object) -> Settings:
