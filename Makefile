@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 COMPOSE ?= docker compose
 
-.PHONY: run test lint bench bench-smoke build up down restart logs clean
+.PHONY: run test lint audit bench bench-smoke build up down restart logs clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# known vulnerabilities in the runtime requirements (needs the PyPI JSON API or OSV to be reachable)
+audit: $(VENV)/.dev
+	$(VENV)/bin/pip-audit -r requirements.txt
 
 bench: $(VENV)/.dev
 	$(PY) -m bench all

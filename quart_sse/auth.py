@@ -53,19 +53,33 @@ def init_app(app: Quart, settings: Settings) -> None:
     JWTManager(app)
 
 
+#: Methods a cookie may authenticate: a browser attaches cookies to cross-site requests, so a cookie must never be
+#: enough to change anything (publish, disconnect) or to buy a ticket; EventSource only ever sends GET.
+COOKIE_METHODS = frozenset({"GET", "HEAD"})
+#: The latest `exp` accepted (9999-12-31): beyond it, time arithmetic on the claim could overflow a float.
+MAX_EXP = 253_402_300_799
+
+
+def _refused(settings: Settings, detail: str) -> ApiError:
+    """The 401: detail in debug; in production one text for every failure, so it is no oracle of the check."""
+    return unauthorized(detail if settings.debug else "invalid or expired token")
+
+
 def token_from_request(request: Request, settings: Settings) -> str | None:
-    """First found wins: Bearer header, `?token=`, the seed's `?Authorization=`, the cookie."""
+    """First found wins: Bearer header, `?token=`, the seed's `?Authorization=`, the cookie (GET and HEAD only)."""
     header = request.headers.get("Authorization")
     if header is not None:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise unauthorized("Authorization header must be 'Bearer <token>'")
+            raise _refused(settings, "Authorization header must be 'Bearer <token>'")
         return value.strip()
     for name in ("token", "Authorization"):
         value = request.args.get(name) or ""
         if value:
             scheme, sep, rest = value.partition(" ")
             return rest.strip() if sep and scheme.lower() == "bearer" else value
+    if request.method not in COOKIE_METHODS:
+        return None
     return request.cookies.get(settings.jwt_cookie_name) or None
 
 
@@ -73,17 +87,19 @@ def verify(token: str, settings: Settings) -> Identity:
     """A verified identity, or the CONTRACT §3 401 (generic text in production, detail in debug and the log)."""
     def fail(detail: str) -> ApiError:
         log.info("token refused: %s", detail)
-        return unauthorized(detail if settings.debug else "invalid or expired token")
+        return _refused(settings, detail)
 
-    if len(token) > settings.jwt_max_bytes:
-        raise fail("token too large")
+    if len(token) > settings.jwt_max_bytes or not token.isascii():  # JWTs are ASCII: chars == bytes
+        raise fail("token too large" if len(token) > settings.jwt_max_bytes else "token is not ASCII")
     try:
         claims = decode_token(token)
     except Exception as exc:  # noqa: BLE001 - every decoding failure is a 401, whatever the library raises
         raise fail(f"invalid token: {type(exc).__name__}: {exc}") from None
     exp, sub, iss, scope = claims.get("exp"), claims.get("sub"), claims.get("iss"), claims.get("scope")
-    if not isinstance(exp, int) or isinstance(exp, bool):
-        raise fail("token has no 'exp' claim")
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        raise fail("token has no numeric 'exp' claim")
+    if not 0 < exp <= MAX_EXP:  # PyJWT checked it is in the future; bound it so that arithmetic on it is safe
+        raise fail("'exp' out of range")
     if not is_valid_id(sub):
         raise fail("'sub' missing or not a valid id")
     if not is_valid_id(iss):
@@ -97,13 +113,13 @@ def verify(token: str, settings: Settings) -> Identity:
         scopes = frozenset(scope.split())
     else:
         raise fail("'scope' must be a space-separated string")
-    return Identity(app=iss, user=sub, scopes=scopes, exp=exp)
+    return Identity(app=iss, user=sub, scopes=scopes, exp=int(exp))
 
 
 def authenticate(request: Request, settings: Settings) -> Identity:
     token = token_from_request(request, settings)
     if token is None:
-        raise unauthorized("missing token")
+        raise _refused(settings, "missing token")
     return verify(token, settings)
 
 

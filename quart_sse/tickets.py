@@ -13,15 +13,28 @@ from redis.exceptions import RedisError
 from . import keys
 from .auth import Identity
 from .broker.base import BrokerUnavailable
+from .ids import is_valid_id
 
 
 def _encode(ident: Identity) -> bytes:
     return orjson.dumps({"app": ident.app, "user": ident.user, "scopes": sorted(ident.scopes), "exp": ident.exp})
 
 
-def _decode(raw: bytes) -> Identity:
-    d = orjson.loads(raw)
-    return Identity(app=d["app"], user=d["user"], scopes=frozenset(d["scopes"]), exp=d["exp"])
+def _decode(raw: bytes) -> Identity | None:
+    """The stored identity, re-checked: a value in Redis that is not ours opens nothing (and is no 500)."""
+    try:
+        d = orjson.loads(raw)
+        ident = Identity(app=d["app"], user=d["user"], scopes=frozenset(d["scopes"]), exp=d["exp"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not (is_valid_id(ident.app) and is_valid_id(ident.user)) or type(ident.exp) is not int \
+            or not all(isinstance(s, str) for s in ident.scopes):
+        return None
+    return ident
+
+
+#: A ticket is `secrets.token_urlsafe(32)` (43 characters); anything much longer is not one of ours.
+MAX_TICKET_LEN = 128
 
 
 class TicketStore(Protocol):
@@ -50,6 +63,8 @@ class MemoryTickets:
         return ticket
 
     async def redeem(self, ticket: str) -> Identity | None:
+        if len(ticket) > MAX_TICKET_LEN:
+            return None
         entry = self._tickets.pop(ticket, None)
         if entry is None or entry[0] < time.monotonic():
             return None
@@ -69,7 +84,7 @@ class RedisTickets:
         return ticket
 
     async def redeem(self, ticket: str) -> Identity | None:
-        if len(ticket) > 128:
+        if len(ticket) > MAX_TICKET_LEN:
             return None
         try:
             raw = await self.redis.getdel(keys.ticket_key(ticket))
