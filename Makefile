@@ -31,7 +31,7 @@ lint: $(VENV)/.dev
 
 # known vulnerabilities in the runtime requirements (needs the PyPI JSON API or OSV to be reachable)
 audit: $(VENV)/.dev
-	$(VENV)/bin/pip-audit -r requirements.txt
+	bash .ci/audit
 
 bench: $(VENV)/.dev
 	$(PY) -m bench all
