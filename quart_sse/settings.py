@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         "*", description="* (without credentials) or a comma-separated list of origins allowed with credentials.")
     history_size: int = Field(
         1000, ge=0, description="Events kept per user and per app broadcast for Last-Event-ID resume; 0: no history.")
-    history_ttl: int = Field(3600, ge=0, description="Seconds history is kept after its last event.")
+    history_ttl: int = Field(3600, ge=0, description="Seconds an event stays in history; 0: no history.")
     registry_ttl: int = Field(30, ge=3, description="Seconds after which a dead instance's connections stop counting.")
     ticket_ttl: int = Field(30, ge=1, le=60, description="Lifetime of a POST /sse/ticket ticket, in seconds.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted (over it: 413).")
@@ -122,7 +122,7 @@ class Settings(BaseSettings):
 
     @property
     def history_enabled(self) -> bool:
-        return self.history_size > 0
+        return self.history_size > 0 and self.history_ttl > 0  # either at 0 turns history off (issue 3)
 
 
 def _check_public_key(algorithm: str, pem: str) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from .. import keys
 from ..events import Message, Position
 from .base import OnControl, OnMessage, OnReconnect, Replay
-from .history import MAX_LAST_EVENT_ID, as_position, merge
+from .history import MAX_LAST_EVENT_ID, as_position, covered
 
 
 class _History:
@@ -27,7 +27,7 @@ class MemoryBroker:
     name = "memory"
 
     def __init__(self, history_size: int, history_ttl: int) -> None:
-        self._size = history_size
+        self._size = history_size if history_ttl > 0 else 0  # either setting at 0 turns history off
         self._ttl_ms = history_ttl * 1000
         self._channels: set[str] = set()
         self._history: dict[str, _History] = {}
@@ -82,14 +82,14 @@ class MemoryBroker:
             self._on_message(channel, msg)
         return msg
 
-    def _find(self, hist: _History | None, last_id: str, pos: Position | None) -> Position | None:
+    def _find(self, hist: _History | None, last_id: str) -> Position | None:
+        """The most recent event with that id. No early stop at a position-shaped id: a publisher's id may look
+        like a position without being the event's own."""
         if hist is None:
             return None
-        for msg in reversed(hist.entries):  # the most recent event with that id
+        for msg in reversed(hist.entries):
             if msg.id == last_id:
                 return msg.pos
-            if pos is not None and msg.pos is not None and msg.pos < pos:
-                break
         return None
 
     async def replay(self, app: str, user: str, last_id: str, *, known: bool = False) -> Replay:
@@ -107,7 +107,7 @@ class MemoryBroker:
         if known and pos is not None:
             found = [pos]
         else:
-            found = [p for p in (self._find(u_hist, last_id, pos), self._find(b_hist, last_id, pos)) if p]
+            found = [p for p in (self._find(u_hist, last_id), self._find(b_hist, last_id)) if p]
         if not found:
             return Replay(reset="unknown id")
         after = max(found)
@@ -115,7 +115,7 @@ class MemoryBroker:
             return Replay(reset="history trimmed")
         user_msgs = [m for m in u_hist.entries if m.pos and m.pos > after] if u_hist else []
         b_msgs = [m for m in b_hist.entries if m.pos and m.pos > after] if b_hist else []
-        return Replay(messages=merge(user_msgs, b_msgs), after=after)
+        return covered(after, user_msgs, b_msgs)
 
     async def head(self, app: str, user: str) -> Position | None:
         return self._seq.get(app)

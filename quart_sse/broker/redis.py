@@ -8,18 +8,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .. import keys
 from ..events import EventError, Message, Position, checked_message, decode_payload, parse_position
 from .base import BrokerUnavailable, OnControl, OnMessage, OnReconnect, Replay
-from .history import MAX_LAST_EVENT_ID, merge
+from .history import MAX_LAST_EVENT_ID, as_position, covered
 from .pubsub import PubSubLink
 
 log = logging.getLogger("quart_sse.broker")
 
 # KEYS: seq hash, history stream. ARGV: channel, id ('' = assign), type, data JSON, maxlen, ttl ms.
-# One round trip, atomic: the live copy and the history entry can never disagree.
+# One round trip, atomic: the live copy and the history entry can never disagree. Each entry records `prev`, the
+# position of the entry before it in the same stream: trimming (which Redis does not record in
+# max-deleted-entry-id) and expiry only ever remove a stream's oldest entries, so an entry whose `prev` is missing
+# proves a gap.
 PUBLISH_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -32,12 +38,13 @@ local id = ARGV[2]
 if id == '' then id = pos end
 local maxlen = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
-if maxlen > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, pos, 'id', id, 'type', ARGV[3], 'data', ARGV[4])
-  if ttl > 0 then
-    redis.call('XTRIM', KEYS[2], 'MINID', '~', (now - ttl) .. '-0')
-    redis.call('PEXPIRE', KEYS[2], ttl)
-  end
+if maxlen > 0 and ttl > 0 then
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  local prev = ''
+  if #newest > 0 then prev = newest[1][1] end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, pos, 'id', id, 'type', ARGV[3], 'data', ARGV[4], 'prev', prev)
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', (now - ttl) .. '-0')
+  redis.call('PEXPIRE', KEYS[2], ttl)
 end
 local payload = '{"id":' .. cjson.encode(id) .. ',"type":' .. cjson.encode(ARGV[3]) .. ',"data":' .. ARGV[4]
   .. ',"pos":"' .. pos .. '"}'
@@ -45,63 +52,70 @@ redis.call('PUBLISH', ARGV[1], payload)
 return {pos, id}
 """
 
-# KEYS: user history, broadcast history. ARGV: last id, max entries, ttl ms, '1' when last id is a position we know
-# (resync after an outage) rather than an id a client sent.
-# Returns {status, after, user entries, broadcast entries}; status 'ok' or a reset reason.
+# KEYS: user history, broadcast history, seq hash. ARGV: last id, history size, ttl ms, '1' when last id is a
+# position we know (resync after an outage) rather than an id a client sent, last id as a position ('' when it is
+# not written as one of ours). History is the newest `size` entries of each stream, whatever MAXLEN ~ left over,
+# so that both brokers keep the same bound. Returns {status, after, user entries, broadcast entries}; status 'ok'
+# or a reset reason.
 REPLAY_LUA = """
-local last = ARGV[1]
-local limit = tonumber(ARGV[2])
-local function id_of(fields)
-  for i = 1, #fields, 2 do if fields[i] == 'id' then return fields[i + 1] end end
+local last, size, ttl, pos = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
+local function get(fields, name)
+  for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end
   return nil
 end
+local function split(p)
+  local m, n = string.match(p, '^(%d+)%-(%d+)$')
+  return tonumber(m), tonumber(n)
+end
+local function older(a, b)
+  local am, an = split(a)
+  local bm, bn = split(b)
+  return am < bm or (am == bm and an < bn)
+end
+local function first_match(entries, from, to)
+  for i = from, math.min(to, #entries) do
+    if get(entries[i][2], 'id') == last then return entries[i][1] end
+  end
+  return nil
+end
+-- the most recent entry with id `last` among the newest `size` entries of `key`; reads no more than it must
+-- when `last` is a position: the entries after it (owed anyway), then the entry at it
 local function find(key)
-  if string.match(last, '^%d+%-%d+$') then
-    -- pcall: an id shaped like a position but beyond 64 bits is an error to XRANGE, not a reason to fail
-    local e = redis.pcall('XRANGE', key, last, last)
-    if type(e) == 'table' and e.err == nil and #e > 0 and id_of(e[1][2]) == last then return e[1][1] end
-  end
-  local entries = redis.call('XREVRANGE', key, '+', '-', 'COUNT', limit)
-  for i = 1, #entries do
-    if id_of(entries[i][2]) == last then return entries[i][1] end
-  end
-  return nil
-end
-local function newer(a, b)
-  if a == nil then return b end
-  if b == nil then return a end
-  local am, an = string.match(a, '^(%d+)%-(%d+)$')
-  local bm, bn = string.match(b, '^(%d+)%-(%d+)$')
-  am, an, bm, bn = tonumber(am), tonumber(an), tonumber(bm), tonumber(bn)
-  if am > bm or (am == bm and an > bn) then return a end
-  return b
+  if pos == '' then return first_match(redis.call('XREVRANGE', key, '+', '-', 'COUNT', size), 1, size) end
+  local newer = redis.call('XREVRANGE', key, '+', '(' .. pos, 'COUNT', size)
+  local hit = first_match(newer, 1, size)
+  if hit or #newer >= size then return hit end
+  local at = redis.call('XREVRANGE', key, pos, '-', 'COUNT', 1)
+  hit = first_match(at, 1, 1)
+  if hit or #at == 0 or #newer + 1 >= size then return hit end
+  return first_match(redis.call('XREVRANGE', key, '(' .. at[1][1], '-', 'COUNT', size - #newer - 1), 1, size)
 end
 local after
-if ARGV[4] == '1' then after = last else after = newer(find(KEYS[1]), find(KEYS[2])) end
-if after == nil then return {'unknown id'} end
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000
-  local ms = tonumber(string.match(after, '^(%d+)'))
-  if ms < now - ttl then return {'history expired'} end
-end
-local am, an = string.match(after, '^(%d+)%-(%d+)$')
-am, an = tonumber(am), tonumber(an)
-for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    local info = redis.call('XINFO', 'STREAM', key)
-    for i = 1, #info, 2 do
-      if info[i] == 'max-deleted-entry-id' then
-        local dm, dn = string.match(info[i + 1], '^(%d+)%-(%d+)$')
-        dm, dn = tonumber(dm), tonumber(dn)
-        if dm > am or (dm == am and dn > an) then return {'history trimmed'} end
-      end
-    end
+if ARGV[4] == '1' then
+  after = pos
+else
+  local a, b = find(KEYS[1]), find(KEYS[2])
+  if a == nil or (b ~= nil and older(a, b)) then after = b else after = a end
+  if after == nil then return {'unknown id'} end
+  if ttl > 0 then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local seq = tonumber(redis.call('HGET', KEYS[3], 'ms') or '0')
+    if seq > now then now = seq end
+    if split(after) < now - ttl then return {'history expired'} end
   end
 end
-return {'ok', after, redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', limit),
-        redis.call('XRANGE', KEYS[2], '(' .. after, '+', 'COUNT', limit)}
+local out = {'ok', after}
+for k = 1, 2 do
+  local entries = redis.call('XRANGE', KEYS[k], '(' .. after, '+', 'COUNT', size + 1)
+  if #entries > size then return {'history trimmed'} end
+  if #entries > 0 then
+    local prev = get(entries[1][2], 'prev')
+    if prev and prev ~= '' and older(after, prev) then return {'history trimmed'} end
+  end
+  out[k + 2] = entries
+end
+return out
 """
 
 
@@ -123,12 +137,15 @@ class RedisBroker:
                  *, sharded: bool = False) -> None:
         self.url = url
         self.instance = instance
-        self._size = history_size
+        self._size = history_size if history_ttl > 0 else 0  # either setting at 0 turns history off
         self._ttl_ms = history_ttl * 1000
         self.redis: aioredis.Redis = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=64, timeout=5, socket_connect_timeout=2, socket_timeout=5,
-                health_check_interval=10))
+                health_check_interval=10,
+                # after a Redis restart each pooled connection fails its next command ("closed by server"): retry
+                # that once on a fresh connection. Not time-outs: the command may have run, a publish would double.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))))
         self._publish = self.redis.register_script(PUBLISH_LUA)
         self._replay = self.redis.register_script(REPLAY_LUA)
         self._on_message: OnMessage | None = None
@@ -209,10 +226,13 @@ class RedisBroker:
             return Replay(reset="history is off")
         if len(last_id) > MAX_LAST_EVENT_ID:
             return Replay(reset="unknown id")
+        pos = as_position(last_id)
+        if known and pos is None:
+            return Replay(reset="unknown id")
         try:
-            # MAXLEN ~ keeps a little more than history_size: read past it
-            res = await self._replay(keys=[keys.history_key(app, user), keys.history_key(app, None)],
-                                     args=[last_id, self._size * 2 + 128, self._ttl_ms, "1" if known else "0"])
+            res = await self._replay(
+                keys=[keys.history_key(app, user), keys.history_key(app, None), keys.seq_key(app)],
+                args=[last_id, self._size, self._ttl_ms, "1" if known else "0", "" if pos is None else last_id])
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
         status = res[0].decode()
@@ -220,7 +240,9 @@ class RedisBroker:
             return Replay(reset=status)
         user_msgs = [m for m in map(_entry_to_message, res[2]) if m is not None]
         b_msgs = [m for m in map(_entry_to_message, res[3]) if m is not None]
-        return Replay(messages=merge(user_msgs, b_msgs), after=parse_position(res[1].decode()))
+        after = parse_position(res[1].decode())
+        assert after is not None
+        return covered(after, user_msgs, b_msgs)
 
     async def head(self, app: str, user: str) -> Position | None:
         try:
