@@ -76,6 +76,8 @@ async def sse() -> Response:
 
     conn_id = str(uuid.uuid4())
     remote = request.remote_addr or ""
+    client = request.scope.get("client")
+    peer = (str(client[0]), int(client[1])) if client else None
     rec = ConnRecord(conn_id, ident.app, ident.user, remote)
     try:
         admitted = await svc.registry.admit(rec, settings.max_connections_per_user)
@@ -90,16 +92,17 @@ async def sse() -> Response:
     sub = Subscriber(conn_id, ident.app, ident.user,
                      (keys.user_channel(ident.app, ident.user), keys.broadcast_channel(ident.app)),
                      remote_addr=remote, created_at=rec.created_at,
-                     max_events=settings.queue_max_events, max_bytes=settings.queue_max_bytes)
+                     max_events=settings.queue_max_events, max_bytes=settings.queue_max_bytes, peer=peer)
+    sub.on_close = svc.stream_closed
     replay: Replay | None = None
     try:
         await svc.hub.attach(sub)  # live events queue up from here on, so the replay below leaves no gap
         if last_id is not None:
             replay = await svc.broker.replay(ident.app, ident.user, last_id)
             sub.after = replay.after
-        if settings.history_enabled:
+        if settings.history_enabled:  # (0, 0) when the app has no history yet: a resync then replays it all
             sub.last_pos = (replay.after if replay and replay.reset is None else None) or \
-                await svc.broker.head(ident.app, ident.user)
+                await svc.broker.head(ident.app, ident.user) or (0, 0)
     except (TimeoutError, BrokerUnavailable, asyncio.CancelledError) as exc:
         svc.hub.detach(sub)
         svc.registry.release(rec)
@@ -115,6 +118,7 @@ async def sse() -> Response:
 
     async def body() -> AsyncIterator[bytes]:
         reason = "client left"
+        freed = False
         try:
             first = retry_frame(settings.sse_retry_ms)
             if replay is not None:
@@ -137,19 +141,26 @@ async def sse() -> Response:
                     if chunk:
                         yield chunk
             reason = sub.reason
-            if reason == "slow consumer":
-                svc.metrics.slow_disconnects.inc()
-                log.warning("stream closed: client too slow (buffer over its bound)", extra=extra)
-            else:
+            if reason != "slow consumer":  # a slow consumer's connection was aborted (Services.stream_closed)
+                # the place is free before the client can see the end: a reconnect at once is admitted
+                freed = True
+                _free(svc, sub, rec, reason)
+                await svc.registry.released(rec)
                 yield closing_frame(reason, svc.retry_after_close(reason))
         finally:
-            sub.close(reason)
-            svc.hub.detach(sub)
-            svc.registry.release(rec)
-            svc.metrics.streams_open.dec()
-            log.info("stream closed (%s) after %.0f s", reason, time.time() - rec.created_at, extra=extra)
+            if not freed:
+                _free(svc, sub, rec, reason)
+            log.info("stream closed (%s) after %.0f s", sub.reason, time.time() - rec.created_at, extra=extra)
 
     resp = Response(body(), status=200, content_type="text/event-stream", headers={
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Connection-Id": conn_id})
     resp.timeout = None  # no framework time-out may end a healthy stream
     return resp
+
+
+def _free(svc: Services, sub: Subscriber, rec: ConnRecord, reason: str) -> None:
+    """Give a stream's place back: per-user cap, per-process cap, listings. Synchronous (safe in `finally`)."""
+    sub.close(reason)
+    svc.hub.detach(sub)
+    svc.registry.release(rec)
+    svc.metrics.streams_open.dec()

@@ -32,22 +32,26 @@ class Subscriber:
         "closed",
         "conn_id",
         "created_at",
+        "held",
         "last_pos",
         "max_bytes",
         "max_events",
         "on_close",
+        "peer",
         "reason",
         "remote_addr",
         "user",
     )
 
     def __init__(self, conn_id: str, app: str, user: str, channels: tuple[str, ...], *, remote_addr: str = "",
-                 created_at: int = 0, max_events: int = 1000, max_bytes: int = 1 << 20) -> None:
+                 created_at: int = 0, max_events: int = 1000, max_bytes: int = 1 << 20,
+                 peer: tuple[str, int] | None = None) -> None:
         self.conn_id = conn_id
         self.app = app
         self.user = user
         self.channels = channels
         self.remote_addr = remote_addr
+        self.peer = peer  # the client's socket address: a slow consumer's connection is aborted by it
         self.created_at = created_at
         self._queue: list[Message] = []  # a list, not a deque: appended and drained whole (600 B less per stream)
         self._bytes = 0
@@ -56,6 +60,7 @@ class Subscriber:
         self.reason = ""
         self.after: Position | None = None  # live copies at or before this position were replayed already
         self.last_pos: Position | None = None  # newest history position delivered (resync point)
+        self.held = False  # a resync is fetching what the stream missed: positioned events wait for it
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._expiry: asyncio.TimerHandle | None = None
@@ -68,7 +73,11 @@ class Subscriber:
         q.append(msg)
         self._bytes += len(msg.frame)
         if len(q) > self.max_events or self._bytes > self.max_bytes:
+            self._queue = []  # nothing more goes out: the connection is aborted (on_close), the client resumes
+            self._bytes = 0
             self.close("slow consumer")
+            return
+        if self.held and msg.pos is not None:
             return
         w = self._waiter
         if w is not None:
@@ -94,6 +103,20 @@ class Subscriber:
         """End the stream when its token expires: one timer per stream, none per event."""
         self._expiry = asyncio.get_running_loop().call_at(loop_time, self.close, "token expired")
 
+    def hold(self) -> None:
+        """Keep positioned events back until `release()`: after a Redis outage, the events the stream missed are
+        fetched from history and must go out before any live one (a live event drained first would move
+        `last_pos` past them and hide them). Pings and position-less events still flow."""
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        w = self._waiter
+        if w is not None and not w.done() and self._queue:
+            w.set_result(None)
+
     def reorder(self) -> None:
         """After a resync pushed missed history: position order, each position once, unpositioned last."""
         seen: set[Position] = set()
@@ -110,11 +133,13 @@ class Subscriber:
         self._bytes = sum(len(m.frame) for m in self._queue)
 
     def pending(self) -> bool:
+        if self.held:
+            return any(m.pos is None for m in self._queue)
         return bool(self._queue)
 
     async def wait(self) -> None:
-        """Until something is queued or the stream is closed."""
-        if self._queue or self.closed:
+        """Until something is queued (and not held back) or the stream is closed."""
+        if self.closed or self.pending():
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiter = fut
@@ -126,6 +151,13 @@ class Subscriber:
     def drain(self) -> bytes:
         """Everything queued, as one chunk; live copies of replayed events are dropped here."""
         q = self._queue
+        if self.held:  # during a resync only what carries no position goes out
+            self._queue = [m for m in q if m.pos is not None]
+            self._bytes = sum(len(m.frame) for m in self._queue)
+            q = [m for m in q if m.pos is None]
+        else:
+            self._queue = []
+            self._bytes = 0
         after = self.after
         if after is not None:
             kept = [m for m in q if m.pos is None or m.pos > after]
@@ -145,8 +177,6 @@ class Subscriber:
                 if m.pos is not None:
                     self.last_pos = m.pos
                     break
-        self._queue = []
-        self._bytes = 0
         return chunk if msgs else b""
 
 

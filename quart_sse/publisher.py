@@ -77,10 +77,21 @@ class Publisher:
 
 
 @asynccontextmanager
-async def connect(redis_url: str, history_size: int = 1000, history_ttl: int = 3600) -> AsyncIterator[Publisher]:
-    """A publisher for code outside the service, writing history exactly as the service does."""
+async def connect(redis_url: str, history_size: int = 1000, history_ttl: int = 3600,
+                  *, cluster: bool = False) -> AsyncIterator[Publisher]:
+    """A publisher for code outside the service, writing history exactly as the service does; `cluster`: the URL
+    names one node of a Redis Cluster (REDIS_CLUSTER=true)."""
     from .broker.redis import RedisBroker
 
+    if cluster:
+        from .broker.cluster import RedisClusterBroker
+
+        cb = RedisClusterBroker(redis_url, "publisher", history_size, history_ttl)
+        try:
+            yield Publisher(cb)
+        finally:
+            await cb.close()  # never started: closes its clients only
+        return
     broker = RedisBroker(redis_url, "publisher", history_size, history_ttl)
     try:
         yield Publisher(broker)

@@ -56,6 +56,11 @@ class Registry(Protocol):
         """Forget `rec`; synchronous so that a cancelled stream can call it from `finally`."""
         ...
 
+    async def released(self, rec: ConnRecord) -> None:
+        """Wait until a `release(rec)` already made is done everywhere (a server-ended stream awaits it before its
+        last bytes, so that the client reconnecting at once is admitted on any instance)."""
+        ...
+
     async def list_app(self, app: str) -> dict[str, dict[str, Any]]: ...
 
     async def list_user(self, app: str, user: str) -> dict[str, Any]: ...
@@ -95,6 +100,9 @@ class MemoryRegistry:
                 if not users:
                     self._apps.pop(rec.app, None)
 
+    async def released(self, rec: ConnRecord) -> None:
+        pass
+
     async def list_app(self, app: str) -> dict[str, dict[str, Any]]:
         return {u: {c: r.as_seed() for c, r in conns.items()} for u, conns in self._apps.get(app, {}).items()}
 
@@ -133,7 +141,7 @@ class RedisRegistry:
         self._admit = redis.register_script(ADMIT_LUA)
         self._release = redis.register_script(RELEASE_LUA)
         self.local: dict[str, ConnRecord] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._releasing: dict[str, asyncio.Task[None]] = {}  # releases on their way to Redis, by connection id
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -144,8 +152,8 @@ class RedisRegistry:
         await self.drain()
 
     async def drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._releasing:
+            await asyncio.gather(*list(self._releasing.values()), return_exceptions=True)
 
     async def admit(self, rec: ConnRecord, cap: int) -> bool:
         now = time.time()
@@ -169,8 +177,13 @@ class RedisRegistry:
         if self.local.pop(rec.id, None) is None:
             return
         task = asyncio.get_running_loop().create_task(self._do_release(rec))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._releasing[rec.id] = task
+        task.add_done_callback(lambda _: self._releasing.pop(rec.id, None))
+
+    async def released(self, rec: ConnRecord, timeout: float = 1.0) -> None:
+        task = self._releasing.get(rec.id)
+        if task is not None:  # asyncio.wait never cancels the release; bounded, for when Redis is away
+            await asyncio.wait([task], timeout=timeout)
 
     async def _do_release(self, rec: ConnRecord) -> None:
         try:

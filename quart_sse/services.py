@@ -9,6 +9,9 @@ import time
 import uuid
 from collections import defaultdict
 
+import orjson
+
+from . import transports
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .control import Control
@@ -37,8 +40,12 @@ class Services:
         if dsn:
             from .broker.redis import RedisBroker
 
-            rb = RedisBroker(dsn, self.instance, settings.history_size, settings.history_ttl,
-                             sharded=settings.redis_cluster)
+            if settings.redis_cluster:  # REDIS_URL names one node of a Redis Cluster: sharded pub/sub, slot routing
+                from .broker.cluster import RedisClusterBroker
+
+                rb: RedisBroker = RedisClusterBroker(dsn, self.instance, settings.history_size, settings.history_ttl)
+            else:
+                rb = RedisBroker(dsn, self.instance, settings.history_size, settings.history_ttl)
             rb.on_drop = self.metrics.events_dropped.inc
             self.broker = rb
             self.registry = RedisRegistry(rb.redis, settings.registry_ttl)
@@ -53,6 +60,7 @@ class Services:
         self.publisher = Publisher(self.broker)
         self.shutting_down = False
         self._resync: asyncio.Task[None] | None = None
+        self._resync_again = False
 
     def _delivered(self, n: int, msg: Message) -> None:
         """Once per message, not per stream: the count handed to local streams, and publish-to-send latency."""
@@ -61,7 +69,7 @@ class Services:
             self.metrics.delivery_seconds.observe(max(0.0, time.time() - msg.pos[0] / 1000))
 
     async def start(self) -> None:
-        where = f"redis broker at {self._redacted()}" if self.broker.name == "redis" else \
+        where = f"{self.broker.name} broker at {self._redacted()}" if self.broker.name.startswith("redis") else \
             "in-process broker (no REDIS_URL/REDIS_HOST set: single instance only)"
         log.info("quart-sse %s starting on the %s", self.settings.app_name, where)
         await self.broker.start(self.hub.dispatch, self.control.handle, self._on_reconnect)
@@ -93,11 +101,43 @@ class Services:
         u = urlsplit(self.settings.redis_dsn or "")
         return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
 
+    def stream_closed(self, sub: Subscriber) -> None:
+        """Every stream's `on_close`. A slow consumer's connection is aborted: closing it would wait for a send
+        buffer that never drains, and the stream's generator is stuck in a write the client never reads."""
+        if sub.reason != "slow consumer":
+            return
+        self.metrics.slow_disconnects.inc()
+        aborted = transports.abort(sub.peer)
+        log.warning("slow consumer disconnected: over %d events or %d bytes queued (connection %s)",
+                    sub.max_events, sub.max_bytes, "aborted" if aborted else "not tracked, closed",
+                    extra={"app": sub.app, "user": sub.user, "conn": sub.conn_id})
+
     # -- after a Redis outage: give every open stream what history holds that it missed --------------------------
     def _on_reconnect(self) -> None:
+        """Called by the link right after it resubscribed, before it hands over any message of the new connection:
+        every open stream holds its live events back until the resync has put the missed ones in front of them
+        (a live event delivered first would move the stream's position past them and hide them)."""
         self.metrics.redis_reconnects.inc()
-        if self.settings.history_enabled and (self._resync is None or self._resync.done()):
-            self._resync = asyncio.get_running_loop().create_task(self._resync_all(), name="resync")
+        if not self.settings.history_enabled:
+            return
+        for sub in self.hub.subscribers:
+            sub.hold()
+        if self._resync is None or self._resync.done():
+            self._start_resync()
+        else:  # a resync that read history before this reconnect may have missed events: run once more after it
+            self._resync_again = True
+
+    def _start_resync(self) -> None:
+        self._resync_again = False
+        self._resync = asyncio.get_running_loop().create_task(self._resync_all(), name="resync")
+        self._resync.add_done_callback(self._resync_done)
+
+    def _resync_done(self, task: asyncio.Task[None]) -> None:
+        if self._resync_again and not task.cancelled() and not self.shutting_down:
+            self._start_resync()
+        else:
+            for sub in list(self.hub.subscribers):
+                sub.release()
 
     async def _resync_all(self) -> None:
         groups: dict[tuple[str, str], list[Subscriber]] = defaultdict(list)
@@ -111,7 +151,12 @@ class Services:
             except Exception as exc:  # noqa: BLE001 - a failed resync must not take the service down
                 log.warning("resync of %s/%s failed: %s", app, user, exc)
                 continue
-            if replay.reset is not None:
+            if replay.reset is not None:  # history cannot cover the gap: say so, as a resume would
+                self.metrics.resets.inc(len(subs))
+                reset = Message.build(None, "reset", orjson.dumps({"reason": replay.reset, "last_event_id": None}),
+                                      None)
+                for sub in subs:
+                    sub.push(reset)
                 continue
             for sub in subs:
                 _merge_missed(sub, replay.messages)

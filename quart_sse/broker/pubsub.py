@@ -87,6 +87,7 @@ class PubSubLink:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.reconnects = 0
+        self.attempts = 0  # connection attempts, successful or not (operators and tests see the backoff at work)
 
     # -- public API -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,9 +160,11 @@ class PubSubLink:
         u = urlparse(self._url)
         loop = asyncio.get_running_loop()
         ctx = ssl.create_default_context() if u.scheme == "rediss" else None
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(self), u.hostname or "127.0.0.1", u.port or 6379, ssl=ctx),
-            timeout=3.0)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as its awaitable completes,
+        # and close() would then wait forever for a link that carries on
+        async with asyncio.timeout(3.0):
+            _, proto = await loop.create_connection(
+                lambda: _Protocol(self), u.hostname or "127.0.0.1", u.port or 6379, ssl=ctx)
         assert proto.transport is not None
         if u.password or u.username:
             auth = [b"AUTH"] + ([unquote(u.username).encode()] if u.username else []) + [
@@ -173,13 +176,15 @@ class PubSubLink:
         self._pong = asyncio.get_running_loop().create_future()
         assert proto.transport is not None
         proto.transport.write(pack(b"PING"))
-        await asyncio.wait_for(asyncio.shield(self._pong), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: see _connect
+            await asyncio.shield(self._pong)
 
     async def _run(self) -> None:
         delay = 0.05
         first = True
         while True:
             proto: _Protocol | None = None
+            self.attempts += 1
             try:
                 proto = await self._connect()
                 await self._ping(proto, 3.0)  # proves AUTH went through and Redis answers
@@ -194,8 +199,11 @@ class PubSubLink:
                         for f in waiters:
                             f.cancel()
                 chans = sorted(self.desired)
-                for i in range(0, len(chans), 500):
-                    proto.transport.write(pack(self._sub, *chans[i:i + 500]))  # type: ignore[union-attr]
+                if self._sub == b"SSUBSCRIBE":  # one command per channel: its channels must share a hash slot
+                    proto.transport.write(b"".join([pack(self._sub, ch) for ch in chans]))  # type: ignore[union-attr]
+                else:
+                    for i in range(0, len(chans), 500):
+                        proto.transport.write(pack(self._sub, *chans[i:i + 500]))  # type: ignore[union-attr]
                 self.connected = True
                 delay = 0.05
                 if not first:
@@ -210,6 +218,8 @@ class PubSubLink:
                     await self._ping(proto, self._keepalive)
                 raise ConnectionError("connection lost")
             except asyncio.CancelledError:
+                if proto is not None and proto.transport is not None and proto is not self._proto:
+                    proto.transport.abort()  # cancelled before the link owned it (close() aborts self._proto)
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: drop the link and reconnect
                 was = self.connected
