@@ -71,7 +71,8 @@ async def _publish_redis(settings: Settings, args: argparse.Namespace, data: Any
     from .publisher import connect
 
     assert settings.redis_dsn
-    async with connect(settings.redis_dsn, settings.history_size, settings.history_ttl) as pub:
+    async with connect(settings.redis_dsn, settings.history_size, settings.history_ttl,
+                       cluster=settings.redis_cluster) as pub:
         try:
             msg = await pub.publish(args.app, args.user, args.type, data, args.id)
         except EventError as exc:

@@ -17,6 +17,15 @@ def broadcast_channel(app: str) -> str:
     return f"{app}:broadcast"
 
 
+def sharded_user_channel(app: str, user: str) -> str:
+    """REDIS_CLUSTER: the user's live channel for SSUBSCRIBE/SPUBLISH, in the app's slot like its history."""
+    return f"sse:{{{app}}}:live:u:{user}"
+
+
+def sharded_broadcast_channel(app: str) -> str:
+    return f"sse:{{{app}}}:live:b"
+
+
 def seed_client_hash(app: str, user: str) -> str:
     return f"{app}:client:{user}"
 
