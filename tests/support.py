@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,8 +169,9 @@ async def open_stream(port: int, path: str = "/sse", headers: dict[str, str] | N
 class LiveServer:
     """The app under Hypercorn in this event loop, on a free port: real HTTP, internals still inspectable."""
 
-    def __init__(self, app: Quart, port: int) -> None:
+    def __init__(self, app: Quart, port: int, tweak: Callable[[Any], None] | None = None) -> None:
         self.app = app
+        self.tweak = tweak  # adjusts the Hypercorn config before serving
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._stop = asyncio.Event()
@@ -185,6 +186,8 @@ class LiveServer:
         install_connection_handler()  # the same connection handler as `python -m quart_sse serve`
         cfg = hypercorn_config(settings)
         cfg.bind = [f"127.0.0.1:{self.port}"]
+        if self.tweak is not None:
+            self.tweak(cfg)
         self._task = asyncio.get_running_loop().create_task(
             hypercorn_serve(self.app, cfg, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
         deadline = time.monotonic() + 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 
@@ -76,3 +77,33 @@ async def test_disconnect_cleans_up_at_once(server: LiveServer) -> None:
     if s.redis_dsn:
         link = server.services.broker.link
         assert keys.user_channel("app1", "alice") not in link.desired
+
+
+async def test_stream_outlives_framework_and_server_timeouts(settings_factory: object) -> None:
+    """Quart ends a response after RESPONSE_TIMEOUT (60 s by default) and Hypercorn closes a connection it holds
+    idle after keep_alive_timeout (5 s): shrink both to 1 s and hold a stream 3 s with nothing on the wire (no
+    ping either); it must still be open and deliver."""
+    from quart_sse.app import create_app
+    from tests.support import LiveServer
+
+    settings = settings_factory(ping_interval=3600)  # type: ignore[operator]
+    app = create_app(settings)
+    app.config["RESPONSE_TIMEOUT"] = 1  # what the default (60 s) would do, sooner
+
+    def short_keep_alive(cfg: Any) -> None:
+        cfg.keep_alive_timeout = 1
+
+    srv = LiveServer(app, settings.app_port, tweak=short_keep_alive)
+    await srv.start()
+    try:
+        st = await open_stream(srv.port, headers=auth(token(settings, "alice", "app1")))
+        try:
+            await asyncio.sleep(3.0)  # the condition under test is time passing: three times both time-outs
+            r = await _publish(srv, "app1", "alice", {"id": "late", "type": "t", "data": 1})
+            assert r.status_code == 202
+            ev = await st.next_event(timeout=3)
+            assert ev is not None and ev.id == "late"
+        finally:
+            await st.close()
+    finally:
+        await srv.stop()
