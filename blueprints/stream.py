@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from quart import Blueprint, Response, jsonify, request
 
-from quart_sse import keys
+from quart_sse import keys, transports
 from quart_sse.auth import Identity, authenticate, seconds_left
 from quart_sse.broker.base import BrokerUnavailable, Replay
 from quart_sse.errors import ApiError, unauthorized, unavailable
@@ -94,6 +94,9 @@ async def sse() -> Response:
                      remote_addr=remote, created_at=rec.created_at,
                      max_events=settings.queue_max_events, max_bytes=settings.queue_max_bytes, peer=peer)
     sub.on_close = svc.stream_closed
+    version = request.scope.get("http_version")
+    if version in ("1.1", "1.0"):  # HTTP/2 multiplexes streams on one transport: always the queue path there
+        sub.direct_to(transports.get(peer), chunked=version == "1.1")
     replay: Replay | None = None
     try:
         await svc.hub.attach(sub)  # live events queue up from here on, so the replay below leaves no gap

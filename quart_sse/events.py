@@ -98,10 +98,12 @@ class Message:
     data: bytes
     pos: Position | None
     frame: bytes
+    chunk_head: bytes  # HTTP/1.1 chunked framing of `frame`: b"<hex length>\r\n", for the hub's direct writes
 
     @classmethod
     def build(cls, event_id: str | None, event_type: str, data_json: bytes, pos: Position | None) -> Message:
-        return cls(event_id, event_type, data_json, pos, encode_frame(event_id, event_type, data_json))
+        frame = encode_frame(event_id, event_type, data_json)
+        return cls(event_id, event_type, data_json, pos, frame, b"%x\r\n" % len(frame))
 
     def to_payload(self) -> bytes:
         """The seed's JSON payload, plus our `pos` so that live copies can be matched against history."""
@@ -165,7 +167,8 @@ def _decode_payload(raw: bytes | str) -> Message:
 
 
 PING_FRAME = b"event: ping\ndata: {}\n\n"
-PING = Message(None, "ping", b"{}", None, PING_FRAME)
+PING = Message.build(None, "ping", b"{}", None)
+assert PING.frame == PING_FRAME
 
 
 def retry_frame(retry_ms: int) -> bytes:

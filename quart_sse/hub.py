@@ -3,6 +3,14 @@
 The broker hands each message over once; the hub gives the very same `Message` (and its pre-encoded frame) to
 every subscriber. A subscriber is a bounded buffer plus at most one waiting future: the stream's generator drains
 everything queued into one chunk, so a burst costs one socket write per stream, not one per event.
+
+Direct writes: while a stream's generator is parked (nothing queued, nothing held back, no replay seam open) and
+its HTTP/1.x transport is below the high-water mark, `push` writes the frame, in the response's own framing,
+straight to the transport. Every byte the generator yielded before parking was already handed to that transport
+(the yield-to-write path has no suspension point: see server._TrackedTCPServer.protocol_send), so the order on the
+wire is the order of pushes. This skips, per event and stream, a task wake-up, the generator, Quart's send loop,
+Hypercorn's ASGI send and h11: the cost that kept Quart + Hypercorn far behind a framework-free server. Anything
+else (a slow client, a resync, a replay seam, HTTP/2) takes the queue path, which is bounded as before.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from .events import PING, Message, Position
 from .tasks import cancel_and_wait
 
 log = logging.getLogger("quart_sse.hub")
+DIRECT_WRITE_LIMIT = 64 * 1024  # above this many bytes in the transport's buffer, events queue (and bound) instead
+_CRLF = b"\r\n"
 
 
 class Subscriber:
@@ -29,6 +39,7 @@ class Subscriber:
         "after",
         "app",
         "channels",
+        "chunked",
         "closed",
         "conn_id",
         "created_at",
@@ -37,9 +48,11 @@ class Subscriber:
         "max_bytes",
         "max_events",
         "on_close",
+        "parked",
         "peer",
         "reason",
         "remote_addr",
+        "sink",
         "user",
     )
 
@@ -65,10 +78,28 @@ class Subscriber:
         self.max_bytes = max_bytes
         self._expiry: asyncio.TimerHandle | None = None
         self.on_close: Callable[[Subscriber], None] | None = None
+        self.sink: asyncio.WriteTransport | None = None  # the client's transport, for direct writes (HTTP/1.x)
+        self.chunked = True  # HTTP/1.1 responses are chunked; HTTP/1.0 ones are delimited by the close
+        self.parked = False  # the generator waits with nothing queued: direct writes keep the order
+
+    def direct_to(self, sink: asyncio.WriteTransport | None, chunked: bool) -> None:
+        self.sink = sink
+        self.chunked = chunked
 
     def push(self, msg: Message) -> None:
         if self.closed:
             return
+        if self.parked and self.after is None and not self.held:
+            sink = self.sink
+            if sink is not None and sink.get_write_buffer_size() <= DIRECT_WRITE_LIMIT and not sink.is_closing():
+                if self.chunked:
+                    sink.writelines((msg.chunk_head, msg.frame, _CRLF))
+                else:
+                    sink.write(msg.frame)
+                if msg.pos is not None:
+                    self.last_pos = msg.pos
+                return
+        self.parked = False  # from here on the queue holds the order until the generator has drained it
         q = self._queue
         q.append(msg)
         self._bytes += len(msg.frame)
@@ -143,10 +174,12 @@ class Subscriber:
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiter = fut
+        self.parked = not self._queue  # held-back events are queued: they must go out before anything direct
         try:
             await fut
         finally:
             self._waiter = None
+            self.parked = False
 
     def drain(self) -> bytes:
         """Everything queued, as one chunk; live copies of replayed events are dropped here."""

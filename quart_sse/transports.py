@@ -2,18 +2,23 @@
 
 Closing a stream whose client stopped reading is not enough: asyncio's `close()` waits for the send buffer to drain,
 which never happens. Only `transport.abort()` frees it. Hypercorn does not expose the transport to the app, so our
-server (quart_sse.server) records it here.
+server (quart_sse.server) records it here. The hub also writes events of an idle HTTP/1.x stream straight to its
+transport (see hub.Subscriber.push).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-_open: dict[tuple[str, int], asyncio.BaseTransport] = {}
+_open: dict[tuple[str, int], asyncio.WriteTransport] = {}
 
 
-def register(peer: tuple[str, int], transport: asyncio.BaseTransport) -> None:
+def register(peer: tuple[str, int], transport: asyncio.WriteTransport) -> None:
     _open[peer] = transport
+
+
+def get(peer: tuple[str, int] | None) -> asyncio.WriteTransport | None:
+    return _open.get(peer) if peer is not None else None
 
 
 def unregister(peer: tuple[str, int]) -> None:
@@ -24,7 +29,7 @@ def abort(peer: tuple[str, int] | None) -> bool:
     transport = _open.pop(peer, None) if peer is not None else None
     if transport is None:
         return False
-    transport.abort()  # type: ignore[attr-defined]
+    transport.abort()
     return True
 
 

@@ -1,0 +1,117 @@
+"""The hub's direct-write path (hub.Subscriber.push): when it may write to the transport, and that order holds."""
+
+from __future__ import annotations
+
+import asyncio
+
+from quart_sse.events import PING, Message
+from quart_sse.hub import DIRECT_WRITE_LIMIT, Subscriber
+
+
+class Sink:
+    """Stands in for an asyncio transport: records what was written, reports a buffer size."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.buffered = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        for p in parts:
+            self.out += p
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def msg(i: int) -> Message:
+    return Message.build(str(i), "t", b"%d" % i, (1000, i))
+
+
+def chunk(m: Message) -> bytes:
+    return b"%x\r\n" % len(m.frame) + m.frame + b"\r\n"
+
+
+async def parked(sub: Subscriber) -> asyncio.Task[None]:
+    task = asyncio.get_running_loop().create_task(sub.wait())
+    await asyncio.sleep(0)  # let it park
+    assert sub.parked
+    return task
+
+
+async def test_parked_stream_gets_chunked_frames_directly() -> None:
+    sink = Sink()
+    sub = Subscriber("c", "a", "u", ("ch",))
+    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    waiter = await parked(sub)
+    sub.push(msg(1))
+    sub.push(PING)
+    assert bytes(sink.out) == chunk(msg(1)) + chunk(PING)
+    assert not sub.pending() and sub.last_pos == (1000, 1)
+    assert not waiter.done()  # no wake-up at all
+    waiter.cancel()
+
+
+async def test_http10_gets_raw_frames() -> None:
+    sink = Sink()
+    sub = Subscriber("c", "a", "u", ("ch",))
+    sub.direct_to(sink, chunked=False)  # type: ignore[arg-type]
+    waiter = await parked(sub)
+    sub.push(msg(1))
+    assert bytes(sink.out) == msg(1).frame
+    waiter.cancel()
+
+
+async def test_queue_path_keeps_order_until_drained() -> None:
+    """Not parked (the generator has not drained yet): everything queues, even once the buffer empties."""
+    sink = Sink()
+    sub = Subscriber("c", "a", "u", ("ch",))
+    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    waiter = await parked(sub)
+    sink.buffered = DIRECT_WRITE_LIMIT + 1  # a slow client: queue
+    sub.push(msg(1))
+    sink.buffered = 0
+    sub.push(msg(2))  # must not overtake 1
+    await waiter
+    assert sink.out == b"" and sub.drain() == msg(1).frame + msg(2).frame
+    waiter = await parked(sub)  # drained and parked again: direct
+    sub.push(msg(3))
+    assert bytes(sink.out) == chunk(msg(3))
+    waiter.cancel()
+
+
+async def test_replay_seam_and_resync_hold_use_the_queue() -> None:
+    sink = Sink()
+    sub = Subscriber("c", "a", "u", ("ch",))
+    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    sub.after = (1000, 5)  # live copies of replayed events must be filtered by drain()
+    waiter = await parked(sub)
+    sub.push(msg(4))
+    assert sink.out == b"" and sub.pending()
+    await waiter
+    assert sub.drain() == b""  # the duplicate of a replayed event is dropped
+    sub.hold()
+    waiter = await parked(sub)
+    sub.push(msg(6))
+    assert sink.out == b""  # held for the resync
+    waiter.cancel()
+
+
+async def test_closing_transport_or_closed_stream_is_never_written() -> None:
+    sink = Sink()
+    sub = Subscriber("c", "a", "u", ("ch",))
+    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    waiter = await parked(sub)
+    sink.closing = True
+    sub.push(msg(1))
+    assert sink.out == b""
+    await waiter
+    sub.close("bye")
+    sub.push(msg(2))
+    assert sink.out == b""
