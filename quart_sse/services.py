@@ -48,7 +48,7 @@ class Services:
                 rb = RedisBroker(dsn, self.instance, settings.history_size, settings.history_ttl)
             rb.on_drop = self.metrics.events_dropped.inc
             self.broker = rb
-            self.registry = RedisRegistry(rb.redis, settings.registry_ttl)
+            self.registry = RedisRegistry(rb.redis, settings.registry_ttl, cluster=settings.redis_cluster)
             self.tickets = RedisTickets(rb.redis)
         else:
             self.broker = MemoryBroker(settings.history_size, settings.history_ttl)
