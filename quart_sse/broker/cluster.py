@@ -37,9 +37,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from .. import keys
-from ..events import Message, parse_position
 from ..tasks import cancel_and_wait
-from .base import BrokerUnavailable, OnControl, OnMessage, OnReconnect
+from .base import OnControl, OnMessage, OnReconnect
 from .pubsub import MessageCallback, PubSubLink, _Protocol
 from .redis import PUBLISH_LUA, REPLAY_LUA, RedisBroker
 
@@ -504,27 +503,10 @@ class RedisClusterBroker(RedisBroker):
             for channel, payload in messages:
                 self._received_shard(channel, payload)
 
-    # -- history (replay and head are the parent's, on the cluster client) ---------------------------------------
-    async def publish(self, app: str, user: str | None, event_id: str | None, event_type: str,
-                      data: bytes) -> Message:
-        channel = keys.sharded_broadcast_channel(app) if user is None else keys.sharded_user_channel(app, user)
-        try:
-            pos_raw, id_raw = await self._publish(
-                keys=[keys.seq_key(app), keys.history_key(app, user)],
-                args=[channel, event_id or "", event_type, data, self._size, self._ttl_ms])
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(str(exc)) from exc
-        return Message.build(id_raw.decode(), event_type, data, parse_position(pos_raw.decode()))
+    # -- history (publish, replay and head are the parent's, on the cluster client) ------------------------------
+    def _live_channel(self, app: str, user: str | None) -> str:
+        return keys.sharded_broadcast_channel(app) if user is None else keys.sharded_user_channel(app, user)
 
     # -- control plane: sharded, so that the count of receivers covers every instance ----------------------------
-    async def publish_control(self, payload: bytes) -> int:
-        try:
-            return int(await self.cluster.spublish(keys.CONTROL_CHANNEL, payload))
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(str(exc)) from exc
-
-    async def send_reply(self, instance: str, payload: bytes) -> None:
-        try:
-            await self.cluster.spublish(keys.reply_channel(instance), payload)
-        except (RedisError, OSError) as exc:
-            log.warning("control reply to %s lost: %s", instance, exc)
+    async def _control_publish(self, channel: str, payload: bytes) -> int:
+        return int(await self.cluster.spublish(channel, payload))

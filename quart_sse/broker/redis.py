@@ -210,9 +210,16 @@ class RedisBroker:
         self.link.unsubscribe(channel)
 
     # -- history ----------------------------------------------------------------------------------------------
+    def _live_channel(self, app: str, user: str | None) -> str:
+        """Where the publish script sends the live copy (the cluster broker uses sharded channels instead)."""
+        return keys.broadcast_channel(app) if user is None else keys.user_channel(app, user)
+
+    async def _control_publish(self, channel: str, payload: bytes) -> int:
+        return int(await self.redis.publish(channel, payload))
+
     async def publish(self, app: str, user: str | None, event_id: str | None, event_type: str,
                       data: bytes) -> Message:
-        channel = keys.broadcast_channel(app) if user is None else keys.user_channel(app, user)
+        channel = self._live_channel(app, user)
         try:
             pos_raw, id_raw = await self._publish(
                 keys=[keys.seq_key(app), keys.history_key(app, user)],
@@ -254,12 +261,12 @@ class RedisBroker:
     # -- control plane ----------------------------------------------------------------------------------------
     async def publish_control(self, payload: bytes) -> int:
         try:
-            return int(await self.redis.publish(keys.CONTROL_CHANNEL, payload))
+            return await self._control_publish(keys.CONTROL_CHANNEL, payload)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
 
     async def send_reply(self, instance: str, payload: bytes) -> None:
         try:
-            await self.redis.publish(keys.reply_channel(instance), payload)
+            await self._control_publish(keys.reply_channel(instance), payload)
         except (RedisError, OSError) as exc:
             log.warning("control reply to %s lost: %s", instance, exc)
