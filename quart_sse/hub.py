@@ -144,6 +144,8 @@ class Subscriber:
         if not self.held:
             return
         self.held = False
+        if self._queue:  # live copies that arrived after the resync merged its history: drop the duplicates
+            self.reorder()
         w = self._waiter
         if w is not None and not w.done() and self._queue:
             w.set_result(None)

@@ -144,23 +144,25 @@ class Services:
         for sub in list(self.hub.subscribers):
             if sub.last_pos is not None and not sub.closed:
                 groups[(sub.app, sub.user)].append(sub)
-        for (app, user), subs in groups.items():
-            since = min(s.last_pos for s in subs if s.last_pos is not None)
-            try:
-                replay = await self.broker.replay(app, user, format_position(since), known=True)
-            except Exception as exc:  # noqa: BLE001 - a failed resync must not take the service down
-                log.warning("resync of %s/%s failed: %s", app, user, exc)
-                continue
-            if replay.reset is not None:  # history cannot cover the gap: say so, as a resume would
-                self.metrics.resets.inc(len(subs))
-                reset = Message.build(None, "reset", orjson.dumps({"reason": replay.reset, "last_event_id": None}),
-                                      None)
-                for sub in subs:
-                    sub.push(reset)
-                continue
-            for sub in subs:
-                _merge_missed(sub, replay.messages)
+        for (app, user), subs in groups.items():  # one user at a time: one pooled connection (~0.1 ms each)
+            await self._resync_user(app, user, subs)
         log.info("resynced %d users from history after the Redis outage", len(groups))
+
+    async def _resync_user(self, app: str, user: str, subs: list[Subscriber]) -> None:
+        since = min(s.last_pos for s in subs if s.last_pos is not None)
+        try:
+            replay = await self.broker.replay(app, user, format_position(since), known=True)
+        except Exception as exc:  # noqa: BLE001 - a failed resync must not take the service down
+            log.warning("resync of %s/%s failed: %s", app, user, exc)
+            return
+        if replay.reset is not None:  # history cannot cover the gap: say so, as a resume would
+            self.metrics.resets.inc(len(subs))
+            reset = Message.build(None, "reset", orjson.dumps({"reason": replay.reset, "last_event_id": None}), None)
+            for sub in subs:
+                sub.push(reset)
+            return
+        for sub in subs:
+            _merge_missed(sub, replay.messages)
 
 
 def _merge_missed(sub: Subscriber, missed: list[Message]) -> None:
