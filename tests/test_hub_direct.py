@@ -115,3 +115,17 @@ async def test_closing_transport_or_closed_stream_is_never_written() -> None:
     sub.close("bye")
     sub.push(msg(2))
     assert sink.out == b""
+
+
+async def test_release_drops_live_copies_of_merged_history() -> None:
+    """A live copy of an event the resync already merged (published while it read history) goes out once."""
+    sub = Subscriber("c", "a", "u", ("ch",))
+    sub.last_pos = (1000, 0)
+    sub.hold()
+    sub.push(msg(3))  # live, held back
+    for m in (msg(1), msg(2), msg(3)):  # what the resync read from history
+        sub.push(m)
+    sub.reorder()
+    sub.push(msg(3))  # the same live copy again, after the merge
+    sub.release()
+    assert sub.drain() == msg(1).frame + msg(2).frame + msg(3).frame
