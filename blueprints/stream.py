@@ -38,7 +38,7 @@ async def _stream_identity(svc: Services) -> Identity:
         if ident is None:
             raise unauthorized("unknown, used or expired ticket")
         return ident
-    return authenticate(request, svc.settings)
+    return authenticate(request, svc.settings, svc.token_cache)
 
 
 @bp.post("/sse/ticket")
@@ -48,7 +48,7 @@ async def ticket() -> tuple[Response, int]:
     header = request.headers.get("Authorization")
     if header is None:
         raise unauthorized("a ticket is bought with an 'Authorization: Bearer' header")
-    ident = authenticate(request, svc.settings)
+    ident = authenticate(request, svc.settings, svc.token_cache)
     ttl = int(max(1, min(svc.settings.ticket_ttl, seconds_left(ident, svc.settings.jwt_leeway))))
     try:
         tk = await svc.tickets.issue(ident, ttl)

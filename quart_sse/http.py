@@ -16,7 +16,8 @@ def services() -> Services:
 
 
 def identity() -> Identity:
-    return authenticate(request, services().settings)
+    svc = services()
+    return authenticate(request, svc.settings, svc.token_cache)
 
 
 def check_path_ids(**ids: str) -> None:

@@ -12,6 +12,7 @@ from collections import defaultdict
 import orjson
 
 from . import transports
+from .auth import TokenCache
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .control import Control
@@ -58,6 +59,7 @@ class Services:
         self.hub.on_deliver = self._delivered
         self.control = Control(self.broker, self.hub, self.instance)
         self.publisher = Publisher(self.broker)
+        self.token_cache = TokenCache()
         self.shutting_down = False
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
