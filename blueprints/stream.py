@@ -1,7 +1,9 @@
 """`GET /sse`: one async generator per stream; `POST /sse/ticket`.
 
-The generator's loop is the per-stream hot path: wait on the subscriber's single future, drain everything queued
-into one chunk, yield it. No per-event task, timer, queue or `wait_for`.
+The generator owns the stream's life: its first bytes, the replay, the queue path and the last bytes. Its loop waits
+on the subscriber's single future, drains everything queued into one chunk and yields it: no per-event task, timer,
+queue or `wait_for`. While it waits with nothing queued, the hub writes events straight to the client's transport
+(hub.Subscriber.push), so most events never wake it.
 """
 
 from __future__ import annotations
