@@ -107,3 +107,25 @@ async def test_stream_outlives_framework_and_server_timeouts(settings_factory: o
             await st.close()
     finally:
         await srv.stop()
+
+
+async def test_http10_client_gets_unchunked_frames(server: LiveServer) -> None:
+    """An HTTP/1.0 response is delimited by the close, not chunked: the hub's direct writes must follow suit."""
+    s = server.services.settings
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        tok = token(s, "old", "app1")
+        writer.write(f"GET /sse HTTP/1.0\r\nAuthorization: Bearer {tok}\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+        assert b"transfer-encoding: chunked" not in head.lower()
+        first = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert first.startswith(b"retry: ")
+        r = await _publish(server, "app1", "old", {"id": "e1", "type": "t", "data": {"a": 1}})
+        assert r.status_code == 202
+        frame = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert frame == b'id: e1\nevent: t\ndata: {"a":1}\n\n'  # no chunk size line around it
+    finally:
+        writer.close()
+        await writer.wait_closed()
