@@ -113,7 +113,8 @@ class MemoryRegistry:
         pass
 
 
-# KEYS: user set, app set. ARGV: now, expiry, member, cap, ttl seconds.
+# KEYS: user set, app set. ARGV: now, expiry, member, cap, ttl seconds, then, outside a cluster (where it lives in
+# another slot), the seed hash to write: its key, app, user, channel. One round trip per new stream.
 ADMIT_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local cap = tonumber(ARGV[4])
@@ -122,15 +123,22 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+if ARGV[6] then
+  redis.call('HSET', ARGV[6], 'application_id', ARGV[7], 'user_id', ARGV[8], 'channel_id', ARGV[9])
+  redis.call('EXPIRE', ARGV[6], ARGV[5])
+end
 return 1
 """
 
-# KEYS: user set, app set. ARGV: member, now. Returns how many live streams the user still has.
+# KEYS: user set, app set. ARGV: member, now, then outside a cluster the seed hash to delete with the user's last
+# stream. Returns how many live streams the user still has.
 RELEASE_LUA = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-return redis.call('ZCARD', KEYS[1])
+local left = redis.call('ZCARD', KEYS[1])
+if left == 0 and ARGV[3] then redis.call('DEL', ARGV[3]) end
+return left
 """
 
 
@@ -188,17 +196,21 @@ class RedisRegistry:
 
     async def admit(self, rec: ConnRecord, cap: int) -> bool:
         now = time.time()
+        h = keys.seed_client_hash(rec.app, rec.user)
+        args: list[bytes | str | float] = [now, now + self.ttl, rec.member, cap, self.ttl]
+        if not self.cluster:  # the seed hash in the same script: one round trip per new stream
+            args += [h, rec.app, rec.user, keys.user_channel(rec.app, rec.user)]
         try:
             ok = await self._admit(keys=[keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)],
-                                   args=[now, now + self.ttl, rec.member, cap, self.ttl])
+                                   args=args)
             if not ok:
                 return False
-            h = keys.seed_client_hash(rec.app, rec.user)
-            async with self.redis.pipeline(transaction=False) as p:
-                p.hset(h, mapping={"application_id": rec.app, "user_id": rec.user,
-                                   "channel_id": keys.user_channel(rec.app, rec.user)})
-                p.expire(h, self.ttl)
-                await p.execute()
+            if self.cluster:  # in another slot than the sets
+                async with self.redis.pipeline(transaction=False) as p:
+                    p.hset(h, mapping={"application_id": rec.app, "user_id": rec.user,
+                                       "channel_id": keys.user_channel(rec.app, rec.user)})
+                    p.expire(h, self.ttl)
+                    await p.execute()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
         self.local[rec.id] = rec
@@ -217,11 +229,12 @@ class RedisRegistry:
             await asyncio.wait([task], timeout=timeout)
 
     async def _do_release(self, rec: ConnRecord) -> None:
+        h = keys.seed_client_hash(rec.app, rec.user)
         try:
             left = await self._release(keys=[keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)],
-                                       args=[rec.member, time.time()])
-            if not left:
-                await self.redis.delete(keys.seed_client_hash(rec.app, rec.user))
+                                       args=[rec.member, time.time(), *([] if self.cluster else [h])])
+            if not left and self.cluster:
+                await self.redis.delete(h)
         except (RedisError, OSError) as exc:
             log.warning("could not release connection %s (%s); it expires within %d s", rec.id, exc, self.ttl)
 
