@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import httpx
 
 from tests.support import ServiceProcess, auth, free_port, make_settings, open_stream, token
+from tests.support import metric_value as metric
 
 SETTINGS = make_settings()
-
-
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert m, f"{name} missing from /metrics"
-    return float(m.group(1))
 
 
 async def test_metrics_and_production_json_logs(tmp_path: Path) -> None:

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import RedisServer, ServiceProcess, auth, free_port, make_settings, open_stream, token
+from tests.support import RedisServer, ServiceProcess, auth, free_port, make_settings, metric_value, open_stream, token
 
 pytestmark = pytest.mark.slow
 SETTINGS = make_settings()
-
-
-def _metric(text: str, name: str) -> float:
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert m, f"{name} missing"
-    return float(m.group(1))
 
 
 async def test_two_workers_one_service(tmp_path: Path) -> None:
@@ -45,17 +38,17 @@ async def test_two_workers_one_service(tmp_path: Path) -> None:
                 ev = await s.next_event()
                 assert ev is not None and ev.id == r.json()["id"]
             metrics = (await c.get("/metrics")).text
-            assert _metric(metrics, "sse_streams_open") == 8  # both workers' streams, from either worker
-            assert _metric(metrics, "sse_events_delivered_total") == 8
+            assert metric_value(metrics, "sse_streams_open") == 8  # both workers' streams, from either worker
+            assert metric_value(metrics, "sse_events_delivered_total") == 8
         for s in streams:
             await s.close()
         streams = []
         async with httpx.AsyncClient(base_url=svc.url) as c:
             for _ in range(100):
-                if _metric((await c.get("/metrics")).text, "sse_streams_open") == 0:
+                if metric_value((await c.get("/metrics")).text, "sse_streams_open") == 0:
                     break
                 await asyncio.sleep(0.05)
-            assert _metric((await c.get("/metrics")).text, "sse_streams_open") == 0
+            assert metric_value((await c.get("/metrics")).text, "sse_streams_open") == 0
         assert svc.stop() == 0
         assert "Traceback" not in svc.log()
     finally:
