@@ -1,9 +1,11 @@
 """`GET /sse`: one async generator per stream; `POST /sse/ticket`.
 
-The generator owns the stream's life: its first bytes, the replay, the queue path and the last bytes. Its loop waits
-on the subscriber's single future, drains everything queued into one chunk and yields it: no per-event task, timer,
-queue or `wait_for`. While it waits with nothing queued, the hub writes events straight to the client's transport
-(hub.Subscriber.push), so most events never wake it.
+The generator starts the stream: its first bytes and the replay. Then, on plain HTTP/1.x, it hands the connection
+off (quart_sse.handoff) and returns, so that Quart's request and Hypercorn's connection objects do not live as long
+as the stream; from there the hub writes events to the transport. Where it cannot (HTTP/2, TLS, the test client,
+STREAM_HANDOFF=false) the generator owns the stream's whole life: its loop waits on the subscriber's single future,
+drains everything queued into one chunk and yields it (no per-event task, timer, queue or `wait_for`), while the hub
+writes events straight to an HTTP/1.x transport as long as nothing is queued (hub.Subscriber.push).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from quart_sse.auth import Identity, authenticate, seconds_left
 from quart_sse.broker.base import BrokerUnavailable, Replay
 from quart_sse.errors import ApiError, unauthorized, unavailable
 from quart_sse.events import closing_frame, reset_frame, retry_frame
+from quart_sse.handoff import OwnedStream
 from quart_sse.http import services
 from quart_sse.hub import Subscriber
 from quart_sse.registry import ConnRecord
@@ -95,7 +98,8 @@ async def sse() -> Response:
                      (keys.user_channel(ident.app, ident.user), keys.broadcast_channel(ident.app)),
                      remote_addr=remote, created_at=rec.created_at,
                      max_events=settings.queue_max_events, max_bytes=settings.queue_max_bytes, peer=peer)
-    sub.on_close = svc.stream_closed
+    stream = _Stream(svc, sub, rec)
+    sub.on_close = stream.on_close
     version = request.scope.get("http_version")
     if version in ("1.1", "1.0"):  # HTTP/2 multiplexes streams on one transport: always the queue path there
         sub.direct_to(transports.get(peer), chunked=version == "1.1")
@@ -118,12 +122,11 @@ async def sse() -> Response:
     sub.expire_at(asyncio.get_running_loop().time() + left)
     svc.metrics.streams_opened.inc()
     svc.metrics.streams_open.inc()
-    extra = {"app": ident.app, "user": ident.user, "conn": conn_id}
-    log.info("stream opened from %s", remote, extra=extra)
+    log.info("stream opened from %s", remote, extra=stream.log_extra())
+    hand_off = settings.stream_handoff and sub.sink is not None
 
     async def body() -> AsyncIterator[bytes]:
-        reason = "client left"
-        freed = False
+        handed = False
         try:
             first = retry_frame(settings.sse_retry_ms)
             if replay is not None:
@@ -140,22 +143,21 @@ async def sse() -> Response:
                 if not sub.pending():
                     if sub.closed:
                         break
+                    # all yielded bytes are in the transport: the connection can be the stream's alone from here
+                    if hand_off and sub.idle() and transports.hand_off(peer, OwnedStream(sub, stream.ended)):
+                        handed = True
+                        sub.own()
+                        return
                     await sub.wait()
                 if sub.pending():
                     chunk = sub.drain()
                     if chunk:
                         yield chunk
-            reason = sub.reason
-            if reason != "slow consumer":  # a slow consumer's connection was aborted (Services.stream_closed)
-                # the place is free before the client can see the end: a reconnect at once is admitted
-                freed = True
-                _free(svc, sub, rec, reason)
-                await svc.registry.released(rec)
-                yield closing_frame(reason, svc.retry_after_close(reason))
+            if sub.reason != "slow consumer":  # a slow consumer's connection was aborted (Services.stream_closed)
+                yield await stream.last_words(sub.reason)
         finally:
-            if not freed:
-                _free(svc, sub, rec, reason)
-            log.info("stream closed (%s) after %.0f s", sub.reason, time.time() - rec.created_at, extra=extra)
+            if not handed:
+                stream.ended()
 
     resp = Response(body(), status=200, content_type="text/event-stream", headers={
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Connection-Id": conn_id})
@@ -163,9 +165,49 @@ async def sse() -> Response:
     return resp
 
 
-def _free(svc: Services, sub: Subscriber, rec: ConnRecord, reason: str) -> None:
-    """Give a stream's place back: per-user cap, per-process cap, listings. Synchronous (safe in `finally`)."""
-    sub.close(reason)
-    svc.hub.detach(sub)
-    svc.registry.release(rec)
-    svc.metrics.streams_open.dec()
+class _Stream:
+    """A stream's place (hub, registry, metrics) and its last words, for its generator and, once the connection
+    is handed off (quart_sse.handoff), for the connection's protocol. `free` acts once, `ended` is called once."""
+
+    __slots__ = ("freed", "rec", "sub", "svc")
+
+    def __init__(self, svc: Services, sub: Subscriber, rec: ConnRecord) -> None:
+        self.svc = svc
+        self.sub = sub
+        self.rec = rec
+        self.freed = False
+
+    def log_extra(self) -> dict[str, str]:
+        return {"app": self.sub.app, "user": self.sub.user, "conn": self.sub.conn_id}
+
+    def free(self) -> None:
+        """Give the stream's place back: per-user cap, per-process cap, listings. Synchronous (safe in `finally`)."""
+        if self.freed:
+            return
+        self.freed = True
+        sub = self.sub
+        sub.close("client left")  # no-op unless the client left first
+        self.svc.hub.detach(sub)
+        self.svc.registry.release(self.rec)
+        self.svc.metrics.streams_open.dec()
+
+    async def last_words(self, reason: str) -> bytes:
+        """The closing frame, once the place is free everywhere: a client reconnecting at once is admitted."""
+        self.free()
+        await self.svc.registry.released(self.rec)
+        return closing_frame(reason, self.svc.retry_after_close(reason))
+
+    def ended(self) -> None:
+        self.free()
+        log.info("stream closed (%s) after %.0f s", self.sub.reason, time.time() - self.rec.created_at,
+                 extra=self.log_extra())
+
+    def on_close(self, sub: Subscriber) -> None:
+        """The subscriber's `on_close`. An owned stream that the server ends says goodbye itself (a generator
+        does it in its loop); one whose client left or was cut has nothing more to send."""
+        self.svc.stream_closed(sub)
+        if sub.owned and sub.reason not in ("client left", "slow consumer"):
+            self.svc.spawn(self._goodbye(sub.reason))
+
+    async def _goodbye(self, reason: str) -> None:
+        self.sub.write_last(await self.last_words(reason))

@@ -11,11 +11,15 @@ straight to the transport. Every byte the generator yielded before parking was a
 wire is the order of pushes. This skips, per event and stream, a task wake-up, the generator, Quart's send loop,
 Hypercorn's ASGI send and h11: the cost that kept Quart + Hypercorn far behind a framework-free server. Anything
 else (a slow client, a resync, a replay seam, HTTP/2) takes the queue path, which is bounded as before.
+
+Owned streams: once its generator has handed the connection off (quart_sse.handoff), a stream has no generator to
+drain its queue; `flush` does it, called when something is queued and when the transport's buffer drains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -48,6 +52,7 @@ class Subscriber:
         "max_bytes",
         "max_events",
         "on_close",
+        "owned",
         "parked",
         "peer",
         "reason",
@@ -81,6 +86,7 @@ class Subscriber:
         self.sink: asyncio.WriteTransport | None = None  # the client's transport, for direct writes (HTTP/1.x)
         self.chunked = True  # HTTP/1.1 responses are chunked; HTTP/1.0 ones are delimited by the close
         self.parked = False  # the generator waits with nothing queued: direct writes keep the order
+        self.owned = False  # the connection was handed off: no generator, `flush` drains the queue
 
     def direct_to(self, sink: asyncio.WriteTransport | None, chunked: bool) -> None:
         self.sink = sink
@@ -110,11 +116,56 @@ class Subscriber:
             return
         if self.held and msg.pos is not None:
             return
+        self._wake()
+
+    def _wake(self) -> None:
         w = self._waiter
         if w is not None:
             self._waiter = None
             if not w.done():
                 w.set_result(None)
+        elif self.owned:
+            self.flush()
+
+    def own(self) -> None:
+        """The connection is this stream's now (quart_sse.handoff): from here on `flush` drains the queue."""
+        self.owned = True
+        self.parked = not self._queue
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what may go out now, as one chunk; when the transport's buffer is full, its `resume_writing`
+        calls again."""
+        sink = self.sink
+        if self.closed or sink is None or sink.is_closing() or sink.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
+            return
+        if self.pending():
+            chunk = self.drain()
+            if chunk:
+                self._write(chunk)
+        self.parked = not self._queue
+
+    def _write(self, chunk: bytes) -> None:
+        sink = self.sink
+        assert sink is not None
+        if self.chunked:
+            sink.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
+        else:
+            sink.write(chunk)
+
+    def write_last(self, frame: bytes, grace: float = 5.0) -> None:
+        """An owned stream's last bytes, then the end of the response and the connection. A client that does not
+        read them within `grace` seconds is cut: `close()` alone would wait for it forever."""
+        sink = self.sink
+        if sink is None or sink.is_closing():
+            return
+        if frame:
+            self._write(frame)
+        if self.chunked:
+            sink.write(b"0\r\n\r\n")
+        sink.close()
+        if sink.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(grace, sink.abort)
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -131,8 +182,11 @@ class Subscriber:
             self.on_close(self)
 
     def expire_at(self, loop_time: float) -> None:
-        """End the stream when its token expires: one timer per stream, none per event."""
-        self._expiry = asyncio.get_running_loop().call_at(loop_time, self.close, "token expired")
+        """End the stream when its token expires: one timer per stream, none per event. The timer runs in an empty
+        context: it would otherwise keep the request's context (Quart's request, Hypercorn's connection) alive for
+        as long as the stream, after a hand-off too."""
+        self._expiry = asyncio.get_running_loop().call_at(loop_time, self.close, "token expired",
+                                                          context=contextvars.Context())
 
     def hold(self) -> None:
         """Keep positioned events back until `release()`: after a Redis outage, the events the stream missed are
@@ -146,9 +200,7 @@ class Subscriber:
         self.held = False
         if self._queue:  # live copies that arrived after the resync merged its history: drop the duplicates
             self.reorder()
-        w = self._waiter
-        if w is not None and not w.done() and self._queue:
-            w.set_result(None)
+            self._wake()
 
     def reorder(self) -> None:
         """After a resync pushed missed history: position order, each position once, unpositioned last."""
@@ -164,6 +216,10 @@ class Subscriber:
         positioned.sort(key=lambda m: m.pos or (0, 0))
         self._queue = positioned + other
         self._bytes = sum(len(m.frame) for m in self._queue)
+
+    def idle(self) -> bool:
+        """Nothing queued, nothing held back, still open: the moment a generator may hand its connection off."""
+        return not self._queue and not self.held and not self.closed
 
     def pending(self) -> bool:
         if self.held:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -33,8 +34,72 @@ _HIGH_WATER = 64 * 1024  # asyncio's default high-water mark for a transport's w
 _SNDBUF = 64 * 1024
 
 
+class _ReleasedWriter(asyncio.StreamWriter):
+    """Hypercorn's writer once its connection is handed off: the transport is no longer its to write or close.
+
+    Swapped in by class so that Hypercorn's own clean-up (`write_eof`, `close`, `wait_closed`) and the finaliser
+    (`StreamWriter.__del__` closes an open transport) leave the stream alone.
+    """
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def writelines(self, data: Any) -> None:
+        pass
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+    def __del__(self) -> None:
+        pass
+
+
 class _TrackedTCPServer(TCPServer):
-    """Hypercorn's connection handler, recording its transport so the app can abort a stalled client."""
+    """Hypercorn's connection handler, recording itself so the app can abort a stalled client or take the
+    connection over (`hand_off`)."""
+
+    handed_off = False
+
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        return self.writer.transport  # type: ignore[return-value]
+
+    def hand_off(self, protocol: asyncio.Protocol) -> bool:
+        """Give the connection to `protocol` for good, if it is plain HTTP/1.x with nothing left to write.
+
+        The transport gets the new protocol; the reader sees end-of-file, so Hypercorn's read loop ends and its
+        connection (h11 state, stream, tasks) is let go; its writer can no longer touch the socket. Whatever
+        Hypercorn still sends (the response's last chunk, when the app's generator returns) is dropped.
+        """
+        transport = self.writer.transport
+        if self.handed_off or transport.is_closing() or self.writer.get_extra_info("ssl_object") is not None:
+            return False
+        low, _ = transport.get_write_buffer_limits()  # type: ignore[attr-defined]
+        if transport.get_write_buffer_size() > low:  # the old protocol may be paused for writing: not now
+            return False
+        self.handed_off = True
+        self.writer.__class__ = _ReleasedWriter
+        # in an empty context: a reader callback registered here would keep the request's context (Quart's request,
+        # Hypercorn's connection) alive for as long as the stream
+        contextvars.Context().run(self._give, transport, protocol)
+        self.reader.feed_eof()
+        return True
+
+    @staticmethod
+    def _give(transport: asyncio.WriteTransport, protocol: asyncio.Protocol) -> None:
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if not transport.is_reading():  # type: ignore[attr-defined]
+            transport.resume_reading()  # type: ignore[attr-defined]
 
     async def run(self) -> None:
         peer: Any = None
@@ -46,14 +111,14 @@ class _TrackedTCPServer(TCPServer):
             peer = self.writer.get_extra_info("peername")
             if isinstance(peer, tuple):
                 peer = (peer[0], peer[1])
-                transports.register(peer, self.writer.transport)
+                transports.register(peer, self)
         except OSError:
             pass
         try:
             await super().run()
         finally:
             if isinstance(peer, tuple):
-                transports.unregister(peer)
+                transports.unregister(peer, self)
 
     async def protocol_send(self, event: Event) -> None:
         """Hypercorn takes a lock and awaits `drain()` for every chunk; an SSE stream writes many small chunks.
@@ -62,6 +127,8 @@ class _TrackedTCPServer(TCPServer):
         the check and the write, so ordering is the same as under the lock. `drain()` is awaited only when the
         transport's buffer is above its high-water mark (a slow client), exactly when it would have blocked.
         """
+        if self.handed_off:
+            return
         if type(event) is RawData and not self.send_lock.locked():
             writer = self.writer
             try:

@@ -8,6 +8,8 @@ import random
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 
@@ -61,6 +63,7 @@ class Services:
         self.publisher = Publisher(self.broker)
         self.token_cache = TokenCache()
         self.shutting_down = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
 
@@ -83,8 +86,16 @@ class Services:
         self.shutting_down = True
         return self.hub.close_all("shutdown")
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A short background job (an owned stream's goodbye) that shutdown waits for, up to GRACEFUL_TIMEOUT."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self) -> None:
         self.begin_shutdown()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.settings.graceful_timeout)
         if self._resync is not None:
             self._resync.cancel()
         await self.hub.stop()
@@ -109,7 +120,11 @@ class Services:
         if sub.reason != "slow consumer":
             return
         self.metrics.slow_disconnects.inc()
-        aborted = transports.abort(sub.peer)
+        if sub.owned and sub.sink is not None:  # the connection was handed off: the stream holds it
+            sub.sink.abort()
+            aborted = True
+        else:
+            aborted = transports.abort(sub.peer)
         log.warning("slow consumer disconnected: over %d events or %d bytes queued (connection %s)",
                     sub.max_events, sub.max_bytes, "aborted" if aborted else "not tracked, closed",
                     extra={"app": sub.app, "user": sub.user, "conn": sub.conn_id})

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         1000, ge=1, description="Events queued for one slow stream before it is disconnected.")
     queue_max_bytes: int = Field(
         1 << 20, ge=1024, description="Bytes queued for one slow stream before it is disconnected.")
+    stream_handoff: bool = Field(
+        True, description="true: once a plain HTTP/1.x stream has started, the hub owns its connection and Quart's "
+        "and Hypercorn's per-request objects are freed (~30 KiB per stream); false: the response generator "
+        "holds every stream to its end.")
     cors_origins: str = Field(
         "*", description="* (without credentials) or a comma-separated list of origins allowed with credentials.")
     history_size: int = Field(

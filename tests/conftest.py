@@ -15,7 +15,7 @@ from quart_sse.settings import Settings
 from tests.support import LiveServer, live_server, make_settings
 
 for _k in list(os.environ):  # a developer's shell must not change what is tested
-    if _k.startswith(("REDIS_", "JWT_", "APP_", "PING_", "MAX_CONNECTIONS", "CORS_", "HISTORY_", "SSE_")):
+    if _k.startswith(("REDIS_", "JWT_", "APP_", "PING_", "MAX_CONNECTIONS", "CORS_", "HISTORY_", "SSE_", "STREAM_")):
         del os.environ[_k]
 
 

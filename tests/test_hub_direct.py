@@ -6,6 +6,7 @@ import asyncio
 
 from quart_sse.events import PING, Message
 from quart_sse.hub import DIRECT_WRITE_LIMIT, Subscriber
+from tests.support_faults import until
 
 
 class Sink:
@@ -15,6 +16,13 @@ class Sink:
         self.out = bytearray()
         self.buffered = 0
         self.closing = False
+        self.aborted = False
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
 
     def write(self, data: bytes) -> None:
         self.out += data
@@ -129,3 +137,80 @@ async def test_release_drops_live_copies_of_merged_history() -> None:
     sub.push(msg(3))  # the same live copy again, after the merge
     sub.release()
     assert sub.drain() == msg(1).frame + msg(2).frame + msg(3).frame
+
+
+# ------------------------------------------------------------------------------------------------ owned streams
+def owned(chunked: bool = True) -> tuple[Subscriber, Sink]:
+    """A stream whose connection was handed off (quart_sse.handoff): no generator, `flush` drains the queue."""
+    sink = Sink()
+    sub = Subscriber("c", "a", "u", ("ch",))
+    sub.direct_to(sink, chunked=chunked)  # type: ignore[arg-type]
+    sub.own()
+    return sub, sink
+
+
+def test_owned_stream_writes_directly_and_queues_while_the_transport_is_full() -> None:
+    sub, sink = owned()
+    sub.push(msg(1))
+    assert bytes(sink.out) == chunk(msg(1))
+    sink.buffered = DIRECT_WRITE_LIMIT + 1  # the client fell behind: the transport paused its protocol
+    sub.push(msg(2))
+    sub.push(msg(3))
+    assert bytes(sink.out) == chunk(msg(1)) and sub.pending()
+    sink.buffered = 0
+    sub.push(msg(4))  # the buffer drained but resume_writing has not run yet: 4 must not overtake 2 and 3
+    assert bytes(sink.out) == chunk(msg(1)) + b"%x\r\n" % (3 * len(msg(2).frame)) + \
+        msg(2).frame + msg(3).frame + msg(4).frame + b"\r\n"
+    assert not sub.pending() and sub.last_pos == (1000, 4)
+    sub.push(msg(5))  # and straight to the transport again
+    assert bytes(sink.out).endswith(chunk(msg(5)))
+
+
+def test_owned_stream_flushes_what_queued_when_the_transport_drains() -> None:
+    sub, sink = owned()
+    sink.buffered = DIRECT_WRITE_LIMIT + 1
+    sub.push(msg(1))
+    sub.push(msg(2))
+    sub.flush()  # still full: nothing
+    assert sink.out == b""
+    sink.buffered = 0
+    sub.flush()  # what OwnedStream.resume_writing does
+    assert bytes(sink.out) == b"%x\r\n" % (2 * len(msg(1).frame)) + msg(1).frame + msg(2).frame + b"\r\n"
+
+
+def test_owned_stream_keeps_the_seam_and_the_resync_hold() -> None:
+    sub, sink = owned(chunked=False)
+    sub.after = (1000, 5)  # a replay went out up to 5: live copies at or before it are dropped
+    sub.push(msg(5))
+    assert sink.out == b""
+    sub.push(msg(6))
+    assert bytes(sink.out) == msg(6).frame and sub.after is None
+    sub.hold()  # a resync after a Redis outage: positioned events wait, pings flow
+    sub.push(msg(9))
+    sub.push(PING)
+    assert bytes(sink.out) == msg(6).frame + PING.frame
+    sub.push(msg(7))  # what the resync found missing
+    sub.push(msg(8))
+    sub.reorder()
+    sub.release()
+    assert bytes(sink.out) == msg(6).frame + PING.frame + msg(7).frame + msg(8).frame + msg(9).frame
+
+
+async def test_owned_stream_last_bytes_end_the_response_and_the_connection() -> None:
+    sub, sink = owned()
+    sub.close("kicked")
+    last = b": closing kicked\nretry: 10\n\n"
+    sub.write_last(last)
+    assert bytes(sink.out) == b"%x\r\n" % len(last) + last + b"\r\n0\r\n\r\n" and sink.closing
+    assert not sink.aborted
+    sub, sink = owned(chunked=False)  # HTTP/1.0: the close is the end
+    sub.write_last(b": closing x\n\n")
+    assert bytes(sink.out) == b": closing x\n\n" and sink.closing
+
+
+async def test_owned_stream_cuts_a_client_that_does_not_read_its_last_bytes() -> None:
+    sub, sink = owned()
+    sink.buffered = 10  # still unsent when the stream ends: close() alone would wait for this client forever
+    sub.write_last(b": closing shutdown\n\n", grace=0.01)
+    assert sink.closing and not sink.aborted
+    await until(lambda: sink.aborted, 2, 0.005)

@@ -195,6 +195,16 @@ def test_held_stream_sends_pings_and_keeps_positioned_events_back() -> None:
     assert sub.drain() == b"".join(_msg(n).frame for n in (3, 4, 5)) and sub.last_pos == (5, 1)
 
 
+class _Conn:
+    """What the server records per connection (transports.Connection), around a plain asyncio transport."""
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def hand_off(self, protocol: asyncio.Protocol) -> bool:
+        return False
+
+
 async def test_slow_consumer_close_aborts_its_connection() -> None:
     """Services.stream_closed aborts the transport recorded for the stream's peer: closing would wait forever."""
     accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
@@ -206,7 +216,7 @@ async def test_slow_consumer_close_aborts_its_connection() -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
     server_side = await accepted.get()
     peer = writer.get_extra_info("sockname")
-    transports.register(peer, server_side.transport)
+    transports.register(peer, _Conn(server_side.transport))  # type: ignore[arg-type]
     svc = Services(make_settings())
     sub = Subscriber("c", "a", "u", ("ch",), max_events=1, peer=peer)
     sub.on_close = svc.stream_closed
