@@ -83,6 +83,8 @@ class _TrackedTCPServer(TCPServer):
         transport = self.writer.transport
         if self.handed_off or transport.is_closing() or self.writer.get_extra_info("ssl_object") is not None:
             return False
+        if self.reader.at_eof():  # the client's end-of-file went to the old protocol: let Hypercorn end the stream
+            return False
         low, _ = transport.get_write_buffer_limits()  # type: ignore[attr-defined]
         if transport.get_write_buffer_size() > low:  # the old protocol may be paused for writing: not now
             return False

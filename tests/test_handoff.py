@@ -186,3 +186,23 @@ async def test_a_client_closing_its_side_ends_the_stream(srv: LiveServer) -> Non
     hub = srv.services.hub
     await until(lambda: not hub.subscribers)
     await st.close()
+
+
+async def test_http2_streams_share_a_connection_and_keep_their_generators(server: LiveServer) -> None:
+    """h2c (prior knowledge): two streams multiplexed on one connection cannot own it; both keep working."""
+    s = server.services.settings
+    hub = server.services.hub
+    async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True, timeout=10) as c, \
+            c.stream("GET", "/sse", headers=auth(token(s, "h2a", APP))) as ra, \
+            c.stream("GET", "/sse", headers=auth(token(s, "h2b", APP))) as rb:
+        assert ra.http_version == rb.http_version == "HTTP/2" and ra.status_code == rb.status_code == 200
+        await until(lambda: len(hub.subscribers) == 2 and all(x.parked for x in hub.subscribers))
+        assert not any(x.owned for x in hub.subscribers)
+        for user, resp in (("h2a", ra), ("h2b", rb)):
+            await _publish(server, user, 5)
+            text = ""
+            async for part in resp.aiter_text():
+                text += part
+                if '"i":5' in text:
+                    break
+            assert text.startswith("retry: ") and 'id: 5\nevent: t\ndata: {"i":5,' in text

@@ -1,0 +1,91 @@
+"""Where a stream's memory goes: tracemalloc over N open streams, per stream, by file and by line.
+
+    python -m bench.memprofile --streams 2000 [--no-handoff] [--top 20]
+
+The service runs in this process (memory broker, plain asyncio loop so that tracemalloc sees every allocation); the
+clients are plain blocking sockets in a subprocess, so none of their memory is counted. The figure is Python
+allocations only: RSS adds the allocator's overhead (see `python -m bench hold`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import subprocess
+import sys
+import tracemalloc
+
+_CLIENTS = r"""
+import socket, sys, time
+port, n, tok = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n".encode())
+    socks.append(s)
+    if i % 200 == 199:
+        time.sleep(0.05)
+for s in socks:
+    s.recv(4096)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+async def _profile(streams: int, handoff: bool, top: int) -> None:
+    from hypercorn.asyncio import serve
+
+    from quart_sse import server
+    from quart_sse.app import create_app
+    from quart_sse.auth import mint
+    from quart_sse.settings import load_settings
+    from tests.support import free_port
+
+    server.install_connection_handler()
+    port = free_port()
+    settings = load_settings(app_host="127.0.0.1", app_port=port, jwt_secret="m" * 32, log_level="WARNING",
+                             stream_handoff=handoff, redis_url=None, redis_host=None)
+    app = create_app(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(app, server.hypercorn_config(settings), shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    await asyncio.sleep(0.5)
+    gc.collect()
+    before = tracemalloc.take_snapshot()
+    clients = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLIENTS, str(port), str(streams),
+                                                   mint(settings, "u", "bench"), stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE)
+    assert clients.stdout is not None and clients.stdin is not None
+    line = await clients.stdout.readline()
+    assert line.startswith(b"ready"), line
+    await asyncio.sleep(6)  # cancelled timers of the set-up (the hub's 5 s attach time-out) leave the loop's heap
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    hub = app.extensions["quart_sse"].hub
+    owned = sum(1 for s in hub.subscribers if s.owned)
+    print(f"{len(hub.subscribers)} streams open, {owned} handed off")
+    total = sum(d.size_diff for d in after.compare_to(before, "filename"))
+    print(f"Python allocations per stream: {total / streams:.0f} B")
+    for key in ("filename", "lineno"):
+        print(f"\nby {key} (bytes and objects per stream)")
+        for d in after.compare_to(before, key)[:top]:
+            print(f"{d.size_diff / streams:8.0f} {d.count_diff / streams:6.2f}  {d.traceback}")
+    clients.stdin.write(b"\n")
+    await clients.stdin.drain()
+    await clients.wait()
+    stop.set()
+    await task
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=2000)
+    ap.add_argument("--no-handoff", action="store_true", help="STREAM_HANDOFF=false: the generator holds streams")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    tracemalloc.start(1)
+    asyncio.run(_profile(args.streams, not args.no_handoff, args.top))
+
+
+if __name__ == "__main__":
+    main()
