@@ -357,3 +357,23 @@ async def test_python_api_and_cli_publish_write_history(redis_url: str) -> None:
     async with redis_brokers(redis_url, 1, size=5) as (b,):
         replay = await b.replay(APP, "alice", first.id or "")
         assert [(m.id, m.data) for m in replay.messages] == [("cli-1", b'{"n":2}')]
+
+
+async def test_memory_broker_forgets_channels_whose_history_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every user who ever got an event must not keep a history entry for good: once a channel's newest event is
+    older than HISTORY_TTL, the channel is forgotten (the next publish anywhere sweeps it)."""
+    import quart_sse.broker.memory as memory_mod
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(memory_mod.time, "time", lambda: now[0])
+    broker = MemoryBroker(history_size=10, history_ttl=60)
+    for i in range(500):
+        await broker.publish("shop", f"u{i}", None, "t", b"1")
+    assert len(broker._history) == 500
+    now[0] += 30
+    await broker.publish("shop", "u7", None, "t", b"2")  # u7 is fresh again
+    now[0] += 31  # the other 499 are 61 s old now, u7's newest 31 s
+    await broker.publish("shop", "late", None, "t", b"3")
+    assert set(broker._history) == {keys.history_key("shop", "u7"), keys.history_key("shop", "late")}
+    replay = await broker.replay("shop", "u3", "1000000000-4")
+    assert replay.reset == "unknown id"  # a resume into forgotten history is a reset, as when it is trimmed

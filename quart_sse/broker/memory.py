@@ -69,14 +69,31 @@ class MemoryBroker:
             if gone.pos:
                 hist.trimmed = gone.pos
 
+    def _evict(self, now_ms: int) -> None:
+        """Forget channels whose newest event is older than HISTORY_TTL (so all of theirs are): without it, every
+        user who ever got an event would keep a history entry for good. Amortised O(1): oldest first."""
+        if not self._ttl_ms:
+            return
+        hists = self._history
+        while hists:
+            key = next(iter(hists))
+            entries = hists[key].entries
+            newest = entries[-1].pos if entries else None
+            if newest is not None and newest[0] >= now_ms - self._ttl_ms:
+                return
+            del hists[key]
+
     async def publish(self, app: str, user: str | None, event_id: str | None, event_type: str,
                       data: bytes) -> Message:
         pos = self._next_pos(app)
         msg = Message.build(event_id if event_id is not None else f"{pos[0]}-{pos[1]}", event_type, data, pos)
         if self._size:
-            hist = self._history.setdefault(keys.history_key(app, user), _History())
+            key = keys.history_key(app, user)
+            hist = self._history.pop(key, None) or _History()
+            self._history[key] = hist  # the dict stays in order of each channel's newest event
             hist.entries.append(msg)
             self._trim(hist, pos[0])
+            self._evict(pos[0])
         channel = keys.broadcast_channel(app) if user is None else keys.user_channel(app, user)
         if channel in self._channels and self._on_message is not None:
             self._on_message(channel, msg)
