@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from bench import report, smoke
-from bench.scenarios import SCENARIOS, Params, run
+from bench.scenarios import SCENARIOS, Params, run, run_workers
 from bench.server import ServerOptions
 
 
@@ -21,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     o = ServerOptions(secret="")
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("scenario", nargs="?", choices=[*SCENARIOS, "all", "smoke"],
-                    help="what to run; `all` runs every scenario in turn with the same options")
+    ap.add_argument("scenario", nargs="?", choices=[*SCENARIOS, "workers", "all", "smoke"],
+                    help="what to run; `all` runs every scenario in turn with the same options; `workers`: the "
+                         "broadcast on our service with 1 worker, then --workers, same invocation")
     ap.add_argument("--smoke", action="store_true", help="same as the `smoke` scenario")
     ap.add_argument("--target", choices=["ours", "baseline", "both"], default="both")
     ap.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="connects in flight per client process")
     g.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     g.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop in the clients")
+    g.add_argument("--count-only", action="store_true",
+                   help="clients count events without parsing them: no latency or order figures, far less client CPU")
+    g.add_argument("--read-batch-ms", type=float, default=d.read_batch_ms,
+                   help="clients read every this many ms (many events per read; latency grows by up to this)")
     g = ap.add_argument_group("servers")
     g.add_argument("--workers", type=int, default=o.workers, help="server worker processes (both targets)")
     g.add_argument("--server-cpu", help="pin the servers with taskset -c, e.g. 0")
@@ -65,7 +70,8 @@ def _params(a: argparse.Namespace, scenario: str) -> Params:
                   duration=a.duration, clients=a.clients, client_cpu=a.client_cpu,
                   connect_concurrency=a.connect_concurrency, connect_timeout=a.connect_timeout,
                   churn_rate=a.churn_rate, churn_hold=a.churn_hold, publish=a.publish, ours_broker=a.ours_broker,
-                  pub_conns=a.pub_conns, drain=a.drain, settle=a.settle, use_uvloop=not a.no_uvloop)
+                  pub_conns=a.pub_conns, drain=a.drain, settle=a.settle, use_uvloop=not a.no_uvloop,
+                  count_only=a.count_only, read_batch_ms=a.read_batch_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                          ping_interval=a.ping_interval, app_mode=a.app_mode, ours_cmd=a.ours_cmd,
                          keep_logs=a.keep_logs)
     result: dict[str, Any]
-    if a.scenario == "smoke":
+    if a.scenario == "workers":
+        result = run_workers(_params(a, "broadcast"), a.redis_url, opts)
+        ok = not result["errors"]
+        print(report.table(result))
+    elif a.scenario == "smoke":
         targets = ("ours", "baseline") if a.target == "both" else (a.target,)
         result = smoke.run_inline(opts, targets)
         ok = result["ok"]

@@ -12,7 +12,7 @@ import secrets
 import time
 from array import array
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from bench.clients import CTX, ClientPool, split_streams
@@ -56,6 +56,8 @@ class Params:
     settle: float = 1.0
     app: str = "bench"
     use_uvloop: bool = True
+    count_only: bool = False  # clients count events without parsing them (no latency figures)
+    read_batch_ms: float = 0.0  # clients read every this many ms (a cheap client: see sse_client.Worker._throttle)
 
     def stream_users(self) -> list[str]:
         """The user of each stream: unicast users get `per_user` streams each; hold/broadcast one user per stream."""
@@ -125,7 +127,8 @@ def run_target(target: str, p: Params, env: Env) -> dict[str, Any]:
         shares = split_streams(users, k)
         churn_each = p.churn_rate / k if p.scenario == "churn" else 0.0
         cfgs = [WorkerConfig(i, LOOPBACK, server.port, p.app, env.opts.secret, share, p.connect_concurrency,
-                             p.connect_timeout, churn_each, p.churn_hold, p.client_cpu, p.use_uvloop)
+                             p.connect_timeout, churn_each, p.churn_hold, p.client_cpu, p.use_uvloop,
+                             {"count_only": p.count_only, "read_batch_ms": p.read_batch_ms})
                 for i, share in enumerate(shares)]
         pool = ClientPool(cfgs)
         conn = pool.ask("connect", timeout=p.connect_timeout + 60 + len(users) / 50)
@@ -339,4 +342,28 @@ def run(p: Params, targets: list[str], redis_url: str | None = None, opts: Serve
     t = result["targets"]
     if "ours" in t and "baseline" in t:
         result["ratio_ours_to_baseline"] = ratios(t["ours"], t["baseline"])
+    return result
+
+
+def run_workers(p: Params, redis_url: str | None, opts: ServerOptions) -> dict[str, Any]:
+    """Worker scaling: the broadcast scenario on our service with one worker (pinned to the first CPU of
+    `opts.cpu`) and with `opts.workers` (at least 2, pinned to all of them), in one invocation. Offer more than one
+    worker can deliver, so that delivered events/s is each configuration's capacity; the ratio is the scaling."""
+    n = max(2, opts.workers)
+    first = opts.cpu.split(",")[0] if opts.cpu else None
+    bp = replace(p, scenario="broadcast")
+    names = ("1 worker", f"{n} workers")
+    runs = [run(bp, ["ours"], redis_url, replace(opts, workers=1, cpu=first)),
+            run(bp, ["ours"], redis_url, replace(opts, workers=n, cpu=opts.cpu))]
+    result: dict[str, Any] = {"scenario": "workers", "params": asdict(bp), "publish": runs[0]["publish"],
+                              "server_workers": f"1 vs {n}", "server_cpu": f"{first or 'any'} vs {opts.cpu or 'any'}",
+                              "targets": {}, "errors": {}, "notes": runs[0]["notes"] + runs[1]["notes"],
+                              "started": runs[0]["started"], "ratio_label": f"{n} / 1"}
+    for name, r in zip(names, runs, strict=True):
+        if "ours" in r["targets"]:
+            result["targets"][name] = r["targets"]["ours"]
+        for err in r["errors"].values():
+            result["errors"][name] = err
+    if len(result["targets"]) == 2:
+        result["ratio"] = ratios(result["targets"][names[1]], result["targets"][names[0]])
     return result
