@@ -12,35 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import subprocess
-import sys
 import tracemalloc
-
-_CLIENTS = r"""
-import socket, sys, time
-port, n, tok = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-socks = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n".encode())
-    socks.append(s)
-    if i % 200 == 199:
-        time.sleep(0.05)
-for s in socks:
-    s.recv(4096)
-print("ready", flush=True)
-sys.stdin.readline()
-"""
 
 
 async def _profile(streams: int, handoff: bool, top: int) -> None:
     from hypercorn.asyncio import serve
 
+    from bench import holders
+    from bench.server import free_port
     from quart_sse import server
     from quart_sse.app import create_app
     from quart_sse.auth import mint
     from quart_sse.settings import load_settings
-    from tests.support import free_port
 
     server.install_connection_handler()
     port = free_port()
@@ -52,12 +35,8 @@ async def _profile(streams: int, handoff: bool, top: int) -> None:
     await asyncio.sleep(0.5)
     gc.collect()
     before = tracemalloc.take_snapshot()
-    clients = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLIENTS, str(port), str(streams),
-                                                   mint(settings, "u", "bench"), stdin=subprocess.PIPE,
-                                                   stdout=subprocess.PIPE)
-    assert clients.stdout is not None and clients.stdin is not None
-    line = await clients.stdout.readline()
-    assert line.startswith(b"ready"), line
+    token = mint(settings, "u", "bench")
+    clients = await asyncio.get_running_loop().run_in_executor(None, holders.start, port, streams, token)
     await asyncio.sleep(6)  # cancelled timers of the set-up (the hub's 5 s attach time-out) leave the loop's heap
     gc.collect()
     after = tracemalloc.take_snapshot()
@@ -70,9 +49,8 @@ async def _profile(streams: int, handoff: bool, top: int) -> None:
         print(f"\nby {key} (bytes and objects per stream)")
         for d in after.compare_to(before, key)[:top]:
             print(f"{d.size_diff / streams:8.0f} {d.count_diff / streams:6.2f}  {d.traceback}")
-    clients.stdin.write(b"\n")
-    await clients.stdin.drain()
-    await clients.wait()
+    holders.command(clients, "quit")
+    clients.wait(30)
     stop.set()
     await task
 

@@ -207,7 +207,15 @@ class _Stream:
         does it in its loop); one whose client left or was cut has nothing more to send."""
         self.svc.stream_closed(sub)
         if sub.owned and sub.reason not in ("client left", "slow consumer"):
-            self.svc.spawn(self._goodbye(sub.reason))
+            if sub.reason == "shutdown":  # thousands at once: one batch for all (Services.end_together)
+                self.svc.end_together(self)
+            else:
+                self.svc.spawn(self._goodbye(sub.reason))
 
     async def _goodbye(self, reason: str) -> None:
         self.sub.write_last(await self.last_words(reason))
+
+    def say_goodbye(self) -> None:
+        """The last bytes now; the place was freed by `Services.end_together`."""
+        reason = self.sub.reason
+        self.sub.write_last(closing_frame(reason, self.svc.retry_after_close(reason)))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -27,6 +28,14 @@ from .settings import Settings
 from .tickets import MemoryTickets, RedisTickets, TicketStore
 
 log = logging.getLogger("quart_sse")
+
+
+class Ending(Protocol):
+    """A handed-off stream the server ends (blueprints.stream._Stream)."""
+
+    def free(self) -> None: ...
+
+    def say_goodbye(self) -> None: ...
 
 
 class Services:
@@ -64,6 +73,7 @@ class Services:
         self.token_cache = TokenCache()
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ending: list[Ending] = []
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
 
@@ -85,6 +95,25 @@ class Services:
         """End every stream with a jittered `retry:` so that clients do not all come back in the same second."""
         self.shutting_down = True
         return self.hub.close_all("shutdown")
+
+    def end_together(self, stream: Ending) -> None:
+        """An owned stream the server ends along with many others (a shutdown): all of those ended in this loop
+        iteration are freed at once, their releases awaited once (at most 1 s), then each writes its last bytes.
+        One task for all; a task and a wait per stream took seconds for 15,000 streams."""
+        self._ending.append(stream)
+        if len(self._ending) == 1:
+            self.spawn(self._end_all())
+
+    async def _end_all(self) -> None:
+        await asyncio.sleep(0)  # the rest of this iteration's streams join the batch
+        batch, self._ending = self._ending, []
+        for stream in batch:
+            stream.free()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await asyncio.shield(self.registry.drain())
+        for stream in batch:
+            stream.say_goodbye()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A short background job (an owned stream's goodbye) that shutdown waits for, up to GRACEFUL_TIMEOUT."""

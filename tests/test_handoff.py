@@ -120,8 +120,10 @@ async def test_an_expired_token_ends_the_stream(srv: LiveServer) -> None:
 async def test_shutdown_ends_every_stream_with_its_last_bytes(settings_factory: Any) -> None:
     for handoff in (True, False):
         async with live_server(settings_factory(stream_handoff=handoff)) as srv:
-            streams = [await _stream(srv, f"u{i}") for i in range(3)]
+            streams = [await _stream(srv, f"u{i}") for i in range(20)]
             srv.services.begin_shutdown()
+            if handoff:  # one job ends them all (Services.end_together): no task or wait per stream
+                assert len(srv.services._tasks) == 1
             for st, _ in streams:
                 raw = await st.read_until_closed()
                 assert b": closing shutdown\nretry: " in raw, (handoff, raw)

@@ -55,3 +55,45 @@ async def test_refresh_of_many_streams_is_cheap(redis_url: str) -> None:
         assert cpu < 1.0  # every 10 s: under 10 % of a core even on a slow machine (measured ~0.1 s)
     finally:
         await r.aclose()
+
+
+async def test_releases_of_one_moment_go_to_redis_together(redis_url: str) -> None:
+    """A shutdown or a DELETE ends thousands of streams at once: one batch (pipelined script calls), awaited once,
+    with each user's seed hash gone with its last stream and the others' kept."""
+    r = aioredis.Redis.from_url(redis_url)
+    reg = RedisRegistry(r, ttl=30)
+    try:
+        recs = [ConnRecord(f"c{i}", "shop", f"u{i % 300}", "127.0.0.1") for i in range(2500)]
+        for rec in recs:
+            assert await reg.admit(rec, cap=0)
+        await r.script_flush()  # as after a Redis restart: the batch's EVALSHA fails, each falls back to loading it
+        for rec in recs[:2400]:  # the last 100 streams, kept, belong to u0..u99
+            reg.release(rec)
+        assert len(set(reg._releasing.values())) == 1
+        await reg.released(recs[0])
+        assert not reg._releasing
+        assert await r.zcard("sse:{shop}:conns") == 100
+        assert set(await reg.list_app("shop")) == {f"u{i % 300}" for i in range(2400, 2500)}
+        assert await r.exists("shop:client:u0") == 1 and await r.exists("shop:client:u100") == 0
+        reg.release(recs[2400])  # a later moment: a batch of its own
+        await reg.drain()
+        assert await r.zcard("sse:{shop}:conns") == 99
+    finally:
+        await r.aclose()
+
+
+async def test_a_user_at_the_cap_is_admitted_while_the_release_of_its_last_stream_is_on_its_way(
+        redis_url: str) -> None:
+    r = aioredis.Redis.from_url(redis_url)
+    reg = RedisRegistry(r, ttl=30)
+    try:
+        old = ConnRecord("old", "shop", "carol", "127.0.0.1")
+        assert await reg.admit(old, cap=1)
+        for i in range(20):
+            reg.release(old)  # the client left; the release has not reached Redis yet
+            new = ConnRecord(f"new{i}", "shop", "carol", "127.0.0.1")
+            assert await reg.admit(new, cap=1), f"round {i}: the pending release counted against the cap"
+            old = new
+        assert set(await reg.list_user("shop", "carol")) == {"new19"}
+    finally:
+        await r.aclose()
