@@ -123,7 +123,7 @@ async def sse() -> Response:
     svc.metrics.streams_opened.inc()
     svc.metrics.streams_open.inc()
     log.info("stream opened from %s", remote, extra=stream.log_extra())
-    hand_off = settings.stream_handoff and sub.sink is not None
+    owner = OwnedStream(sub, stream.ended) if settings.stream_handoff and sub.sink is not None else None
 
     async def body() -> AsyncIterator[bytes]:
         handed = False
@@ -144,7 +144,7 @@ async def sse() -> Response:
                     if sub.closed:
                         break
                     # all yielded bytes are in the transport: the connection can be the stream's alone from here
-                    if hand_off and sub.idle() and transports.hand_off(peer, OwnedStream(sub, stream.ended)):
+                    if owner is not None and sub.idle() and transports.hand_off(peer, owner):
                         handed = True
                         sub.own()
                         return
@@ -203,19 +203,14 @@ class _Stream:
                  extra=self.log_extra())
 
     def on_close(self, sub: Subscriber) -> None:
-        """The subscriber's `on_close`. An owned stream that the server ends says goodbye itself (a generator
-        does it in its loop); one whose client left or was cut has nothing more to send."""
+        """The subscriber's `on_close`. A handed-off stream that the server ends says goodbye through
+        `Services.end_together` (a generator does it in its loop); one whose client left or was cut has nothing
+        more to send."""
         self.svc.stream_closed(sub)
         if sub.owned and sub.reason not in ("client left", "slow consumer"):
-            if sub.reason == "shutdown":  # thousands at once: one batch for all (Services.end_together)
-                self.svc.end_together(self)
-            else:
-                self.svc.spawn(self._goodbye(sub.reason))
-
-    async def _goodbye(self, reason: str) -> None:
-        self.sub.write_last(await self.last_words(reason))
+            self.svc.end_together(self)
 
     def say_goodbye(self) -> None:
-        """The last bytes now; the place was freed by `Services.end_together`."""
+        """The last bytes now; the place was freed and its release awaited by `Services.end_together`."""
         reason = self.sub.reason
         self.sub.write_last(closing_frame(reason, self.svc.retry_after_close(reason)))

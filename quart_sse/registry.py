@@ -57,9 +57,9 @@ class Registry(Protocol):
         """Forget `rec`; synchronous so that a cancelled stream can call it from `finally`."""
         ...
 
-    async def released(self, rec: ConnRecord) -> None:
-        """Wait until a `release(rec)` already made is done everywhere (a server-ended stream awaits it before its
-        last bytes, so that the client reconnecting at once is admitted on any instance)."""
+    async def released(self, *recs: ConnRecord) -> None:
+        """Wait until the `release`s of `recs` already made are done everywhere (a server-ended stream awaits its
+        own before its last bytes, so that the client reconnecting at once is admitted on any instance)."""
         ...
 
     async def list_app(self, app: str) -> dict[str, dict[str, Any]]: ...
@@ -101,7 +101,7 @@ class MemoryRegistry:
                 if not users:
                     self._apps.pop(rec.app, None)
 
-    async def released(self, rec: ConnRecord) -> None:
+    async def released(self, *recs: ConnRecord) -> None:
         pass
 
     async def list_app(self, app: str) -> dict[str, dict[str, Any]]:
@@ -201,7 +201,7 @@ class RedisRegistry:
     async def admit(self, rec: ConnRecord, cap: int) -> bool:
         pending = self._user_releasing.get((rec.app, rec.user)) if cap else None
         if pending is not None:  # a stream of this user that just left must not count against the cap here
-            await self._wait(pending)
+            await self._wait({pending})
         now = time.time()
         h = keys.seed_client_hash(rec.app, rec.user)
         args: list[bytes | str | float] = [now, now + self.ttl, rec.member, cap, self.ttl]
@@ -263,8 +263,8 @@ class RedisRegistry:
             try:
                 async with self.redis.pipeline(transaction=False) as p:
                     for rec in chunk:  # EVALSHA without the pipeline's SCRIPT EXISTS round trip first
-                        p.evalsha(sha, 2, keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app),
-                                  rec.member, now, keys.seed_client_hash(rec.app, rec.user))
+                        script_keys, args = self._release_call(rec, now)
+                        p.evalsha(sha, len(script_keys), *script_keys, *args)
                     results = await p.execute(raise_on_error=False)
                 for rec, res in zip(chunk, results, strict=True):
                     if isinstance(res, NoScriptError):  # a restarted Redis: the script call loads it again
@@ -273,29 +273,36 @@ class RedisRegistry:
                 log.warning("could not release %d connections (%s); they expire within %d s", len(chunk), exc,
                             self.ttl)
 
-    async def released(self, rec: ConnRecord, timeout: float = 1.0) -> None:
-        """Bounded, for when Redis is away; the release itself is never cancelled (shield). Not `asyncio.wait`:
-        thousands of streams wait on one batch, and each of its waiters removes its callback from that task
-        in O(waiters)."""
-        task = self._releasing.get(rec.id)
-        if task is not None:
-            await self._wait(task, timeout)
+    async def released(self, *recs: ConnRecord, timeout: float = 1.0) -> None:
+        """Bounded, for when Redis is away. Thousands of streams a shutdown ends share one batch: it is awaited
+        once, not once per stream."""
+        tasks = {t for r in recs if (t := self._releasing.get(r.id)) is not None}
+        if tasks:
+            await self._wait(tasks, timeout)
 
     @staticmethod
-    async def _wait(task: asyncio.Task[None], timeout: float = 1.0) -> None:
-        if task.done():
+    async def _wait(tasks: set[asyncio.Task[None]], timeout: float = 1.0) -> None:
+        """Never cancels a release (shield); not `asyncio.wait`, whose every waiter removes its callback from the
+        shared task in O(waiters)."""
+        if all(t.done() for t in tasks):
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await asyncio.shield(task)
+                await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+
+    def _release_call(self, rec: ConnRecord, now: float) -> tuple[list[str], list[bytes | str | float]]:
+        """RELEASE_LUA's keys and arguments; outside a cluster the script deletes the seed hash with the last stream."""
+        args: list[bytes | str | float] = [rec.member, now]
+        if not self.cluster:
+            args.append(keys.seed_client_hash(rec.app, rec.user))
+        return [keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)], args
 
     async def _do_release(self, rec: ConnRecord) -> None:
-        h = keys.seed_client_hash(rec.app, rec.user)
         try:
-            left = await self._release(keys=[keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)],
-                                       args=[rec.member, time.time(), *([] if self.cluster else [h])])
+            script_keys, args = self._release_call(rec, time.time())
+            left = await self._release(keys=script_keys, args=args)
             if not left and self.cluster:
-                await self.redis.delete(h)
+                await self.redis.delete(keys.seed_client_hash(rec.app, rec.user))
         except (RedisError, OSError) as exc:
             log.warning("could not release connection %s (%s); it expires within %d s", rec.id, exc, self.ttl)
 

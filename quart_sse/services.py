@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -23,7 +22,7 @@ from .events import Message, format_position
 from .hub import Hub, Subscriber
 from .metrics import Metrics
 from .publisher import Publisher
-from .registry import MemoryRegistry, RedisRegistry, Registry
+from .registry import ConnRecord, MemoryRegistry, RedisRegistry, Registry
 from .settings import Settings
 from .tickets import MemoryTickets, RedisTickets, TicketStore
 
@@ -32,6 +31,8 @@ log = logging.getLogger("quart_sse")
 
 class Ending(Protocol):
     """A handed-off stream the server ends (blueprints.stream._Stream)."""
+
+    rec: ConnRecord
 
     def free(self) -> None: ...
 
@@ -97,9 +98,9 @@ class Services:
         return self.hub.close_all("shutdown")
 
     def end_together(self, stream: Ending) -> None:
-        """An owned stream the server ends along with many others (a shutdown): all of those ended in this loop
+        """A handed-off stream the server ends (disconnect, token expiry, shutdown): those ended in the same loop
         iteration are freed at once, their releases awaited once (at most 1 s), then each writes its last bytes.
-        One task for all; a task and a wait per stream took seconds for 15,000 streams."""
+        One task for all; a task and a wait per stream took seconds for the 15,000 streams of a shutdown."""
         self._ending.append(stream)
         if len(self._ending) == 1:
             self.spawn(self._end_all())
@@ -109,9 +110,7 @@ class Services:
         batch, self._ending = self._ending, []
         for stream in batch:
             stream.free()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await asyncio.shield(self.registry.drain())
+        await self.registry.released(*(stream.rec for stream in batch))
         for stream in batch:
             stream.say_goodbye()
 
