@@ -25,13 +25,13 @@ async def _profile(streams: int, handoff: bool, top: int) -> None:
     from quart_sse.auth import mint
     from quart_sse.settings import load_settings
 
-    server.install_connection_handler()
     port = free_port()
     settings = load_settings(app_host="127.0.0.1", app_port=port, jwt_secret="m" * 32, log_level="WARNING",
                              stream_handoff=handoff, redis_url=None, redis_host=None)
     app = create_app(settings)
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(app, server.hypercorn_config(settings), shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    config = server.hypercorn_config(settings, adapter=app.extensions["quart_sse"].adapter)
+    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     await asyncio.sleep(0.5)
     gc.collect()
     before = tracemalloc.take_snapshot()
@@ -41,7 +41,7 @@ async def _profile(streams: int, handoff: bool, top: int) -> None:
     gc.collect()
     after = tracemalloc.take_snapshot()
     hub = app.extensions["quart_sse"].hub
-    owned = sum(1 for s in hub.subscribers if s.owned)
+    owned = sum(1 for s in hub.subscribers if s.state.value == "owned")
     print(f"{len(hub.subscribers)} streams open, {owned} handed off")
     total = sum(d.size_diff for d in after.compare_to(before, "filename"))
     print(f"Python allocations per stream: {total / streams:.0f} B")

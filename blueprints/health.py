@@ -25,5 +25,7 @@ async def ready() -> tuple[Response, int]:
     svc = services()
     ok = await svc.broker.ready() and not svc.shutting_down
     body = {"status": "ready" if ok else "unavailable", "broker": svc.broker.name,
-            "streams": len(svc.hub.subscribers), "instance": svc.instance}
+            "streams": len(svc.hub.subscribers), "instance": svc.instance,
+            # which path HTTP/1.x streams take here (docs/internals.md); a broken coupling to the server shows
+            "stream_path": svc.stream_path.value}
     return jsonify(body), 200 if ok else 503

@@ -5,12 +5,14 @@ from __future__ import annotations
 from quart import Quart
 
 from . import auth, cors, errors
+from .adapter import ServerAdapter
 from .logs import setup_logging
 from .services import Services
 from .settings import Settings, load_settings
 
 
-def create_app(settings: Settings | None = None) -> Quart:
+def create_app(settings: Settings | None = None, adapter: ServerAdapter | None = None) -> Quart:
+    """The app; `adapter` is the server's (quart_sse.server), None when something else serves the app."""
     settings = settings or load_settings()
     setup_logging(settings)
     app = Quart("quart_sse")
@@ -24,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
-    services = Services(settings)
+    services = Services(settings, adapter)
     app.extensions["quart_sse"] = services
     auth.init_app(app, settings)
     errors.register(app)

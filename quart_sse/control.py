@@ -11,6 +11,7 @@ import orjson
 from .broker.base import Broker
 from .hub import Hub
 from .ids import is_valid_id
+from .stream import CloseReason
 
 log = logging.getLogger("quart_sse.control")
 
@@ -49,7 +50,7 @@ class Control:
             msg = orjson.loads(payload)
             op = msg.get("op")
             if op == "close" and is_valid_id(msg.get("app")) and is_valid_id(msg.get("user")):
-                n = self.hub.close_user(msg["app"], msg["user"], "disconnected by API")
+                n = self.hub.close_user(msg["app"], msg["user"], CloseReason.DISCONNECTED)
                 await self.broker.send_reply(str(msg["from"]), orjson.dumps(
                     {"op": "closed", "req": msg["req"], "n": n}))
             elif op == "closed":

@@ -98,12 +98,14 @@ class Message:
     data: bytes
     pos: Position | None
     frame: bytes
-    chunk_head: bytes  # HTTP/1.1 chunked framing of `frame`: b"<hex length>\r\n", for the hub's direct writes
+    #: `frame` as one HTTP/1.1 chunk (`<hex length>\r\n<frame>\r\n`), joined once per message: a direct write to
+    #: any number of streams is one `write` of this same buffer each (no `writelines`: see Stream.push)
+    chunk: bytes
 
     @classmethod
     def build(cls, event_id: str | None, event_type: str, data_json: bytes, pos: Position | None) -> Message:
         frame = encode_frame(event_id, event_type, data_json)
-        return cls(event_id, event_type, data_json, pos, frame, b"%x\r\n" % len(frame))
+        return cls(event_id, event_type, data_json, pos, frame, b"%x\r\n%b\r\n" % (len(frame), frame))
 
     def to_payload(self) -> bytes:
         """The seed's JSON payload, plus our `pos` so that live copies can be matched against history."""

@@ -19,6 +19,12 @@ class Metrics:
         self.streams_open = Gauge("sse_streams_open", "Streams open (all workers of this instance)", registry=r,
                                   multiprocess_mode="livesum")
         self.streams_opened = Counter("sse_streams_opened", "Streams opened", registry=r)
+        self.stream_path = Gauge(
+            "sse_stream_path", "1 for the path HTTP/1.x streams take on this instance: handed_off (the stream owns "
+            "its connection) or generator (Quart's response generator holds it)", ["path"], registry=r,
+            multiprocess_mode="max")
+        self.handoffs = Counter("sse_stream_handoffs", "Streams that took their connection over from the server",
+                                registry=r)
         self.streams_refused = Counter("sse_streams_refused", "Streams refused, by reason", ["reason"], registry=r)
         self.events_delivered = Counter("sse_events_delivered", "Events handed to local streams", registry=r)
         self.events_dropped = Counter("sse_events_dropped", "Malformed pub/sub messages dropped", registry=r)

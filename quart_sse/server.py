@@ -1,14 +1,16 @@
 """Run the app on Hypercorn with the settings, SIGTERM handling that ends streams first, and optional workers.
 
 Hypercorn on its own would, on SIGTERM, keep serving open streams until `graceful_timeout` and only then run
-`after_serving`; here SIGTERM first ends every stream (final comment + jittered `retry:`), then stops the server.
+`after_serving` (and on Python 3.12+ wait for every connection, however long: its issue #308). Here SIGTERM first
+ends every stream (final comment + jittered `retry:`), then stops the server, and `GRACEFUL_TIMEOUT` after the
+signal cuts whatever connection is still open (a client that stopped reading), so the process always exits.
+The connections themselves are reached through the adapter (quart_sse.adapter) this module builds and attaches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import os
 import signal
@@ -17,143 +19,18 @@ import sys
 import tempfile
 from typing import Any
 
-from hypercorn.asyncio import run as hypercorn_run
 from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
 
-from . import transports
+from .adapter import ServerAdapter
 from .settings import Settings
 
 log = logging.getLogger("quart_sse.server")
-_HIGH_WATER = 64 * 1024  # asyncio's default high-water mark for a transport's write buffer
-# The kernel's send buffer per client socket (Linux doubles it). Left to autotuning it grows to megabytes
-# (net.ipv4.tcp_wmem), all of it taken by a client that stopped reading before its queue in the hub even starts to
-# fill; 64 KiB still carries >1 MB/s per stream at 100 ms round trip.
-_SNDBUF = 64 * 1024
 
 
-class _ReleasedWriter(asyncio.StreamWriter):
-    """Hypercorn's writer once its connection is handed off: the transport is no longer its to write or close.
-
-    Swapped in by class so that Hypercorn's own clean-up (`write_eof`, `close`, `wait_closed`) and the finaliser
-    (`StreamWriter.__del__` closes an open transport) leave the stream alone.
-    """
-
-    def write(self, data: Any) -> None:
-        pass
-
-    def writelines(self, data: Any) -> None:
-        pass
-
-    def write_eof(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    async def wait_closed(self) -> None:
-        pass
-
-    async def drain(self) -> None:
-        pass
-
-    def __del__(self) -> None:
-        pass
-
-
-class _TrackedTCPServer(TCPServer):
-    """Hypercorn's connection handler, recording itself so the app can abort a stalled client or take the
-    connection over (`hand_off`)."""
-
-    handed_off = False
-
-    @property
-    def transport(self) -> asyncio.WriteTransport:
-        return self.writer.transport  # type: ignore[return-value]
-
-    def hand_off(self, protocol: asyncio.Protocol) -> bool:
-        """Give the connection to `protocol` for good, if it is plain HTTP/1.x with nothing left to write.
-
-        The transport gets the new protocol; the reader sees end-of-file, so Hypercorn's read loop ends and its
-        connection (h11 state, stream, tasks) is let go; its writer can no longer touch the socket. Whatever
-        Hypercorn still sends (the response's last chunk, when the app's generator returns) is dropped.
-        """
-        transport = self.writer.transport
-        if self.handed_off or transport.is_closing() or self.writer.get_extra_info("ssl_object") is not None:
-            return False
-        if self.reader.at_eof():  # the client's end-of-file went to the old protocol: let Hypercorn end the stream
-            return False
-        low, _ = transport.get_write_buffer_limits()  # type: ignore[attr-defined]
-        if transport.get_write_buffer_size() > low:  # the old protocol may be paused for writing: not now
-            return False
-        self.handed_off = True
-        self.writer.__class__ = _ReleasedWriter
-        # in an empty context: a reader callback registered here would keep the request's context (Quart's request,
-        # Hypercorn's connection) alive for as long as the stream
-        contextvars.Context().run(self._give, transport, protocol)
-        self.reader.feed_eof()
-        return True
-
-    @staticmethod
-    def _give(transport: asyncio.WriteTransport, protocol: asyncio.Protocol) -> None:
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if not transport.is_reading():  # type: ignore[attr-defined]
-            transport.resume_reading()  # type: ignore[attr-defined]
-
-    async def run(self) -> None:
-        peer: Any = None
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
-        try:
-            peer = self.writer.get_extra_info("peername")
-            if isinstance(peer, tuple):
-                peer = (peer[0], peer[1])
-                transports.register(peer, self)
-        except OSError:
-            pass
-        try:
-            await super().run()
-        finally:
-            if isinstance(peer, tuple):
-                transports.unregister(peer, self)
-
-    async def protocol_send(self, event: Event) -> None:
-        """Hypercorn takes a lock and awaits `drain()` for every chunk; an SSE stream writes many small chunks.
-
-        When nobody else holds the lock and the transport is not paused, write directly: no await happens between
-        the check and the write, so ordering is the same as under the lock. `drain()` is awaited only when the
-        transport's buffer is above its high-water mark (a slow client), exactly when it would have blocked.
-        """
-        if self.handed_off:
-            return
-        if type(event) is RawData and not self.send_lock.locked():
-            writer = self.writer
-            try:
-                writer.write(event.data)
-            except (ConnectionError, RuntimeError):
-                await self.protocol.handle(Closed())
-                return
-            if writer.transport.get_write_buffer_size() > _HIGH_WATER:
-                async with self.send_lock:
-                    try:
-                        await writer.drain()
-                    except (ConnectionError, RuntimeError):
-                        await self.protocol.handle(Closed())
-            return
-        await super().protocol_send(event)
-
-
-def install_connection_handler() -> None:
-    """Make Hypercorn's asyncio worker use our connection handler (transport registry, lock-free writes)."""
-    hypercorn_run.TCPServer = _TrackedTCPServer  # type: ignore[attr-defined,misc]
-
-
-def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> Config:
+def hypercorn_config(settings: Settings, sock: socket.socket | None = None,
+                     adapter: ServerAdapter | None = None) -> Config:
+    """Hypercorn's config for the app; with `adapter`, its connections are tracked by it (quart_sse.adapter)."""
     cfg = Config()
     cfg.bind = [f"fd://{sock.fileno()}"] if sock is not None else [f"{settings.app_host}:{settings.app_port}"]
     cfg.graceful_timeout = settings.graceful_timeout
@@ -165,6 +42,8 @@ def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> C
     cfg.accesslog = logging.getLogger("hypercorn.access")  # type: ignore[assignment]
     cfg.access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(D)sus'
     cfg.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
+    if adapter is not None:
+        adapter.attach(cfg)
     return cfg
 
 
@@ -182,7 +61,9 @@ def _raise_nofile() -> None:
 async def _serve(settings: Settings, sock: socket.socket | None) -> None:
     from .app import create_app
 
-    app = create_app(settings)
+    adapter = ServerAdapter()
+    config = hypercorn_config(settings, sock, adapter)
+    app = create_app(settings, adapter)
     services = app.extensions["quart_sse"]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,15 +75,26 @@ async def _serve(settings: Settings, sock: socket.socket | None) -> None:
         log.info("%s: ending %d streams, then stopping", signame, n)
         # let the streams' last bytes go out before Hypercorn stops accepting and waits on connections
         loop.call_later(0.2, stop.set)
+        loop.call_later(max(0.5, settings.graceful_timeout), cut)
+
+    def cut() -> None:
+        n = adapter.abort_all()
+        if n:
+            log.info("cut %d connections still open %.1f s after the signal", n, settings.graceful_timeout)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    await hypercorn_serve(app, hypercorn_config(settings, sock), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    except BaseExceptionGroup as group:  # connections torn down under Hypercorn's task groups (h2 at shutdown)
+        rest = group.split((ConnectionError, asyncio.CancelledError))[1]
+        if rest is not None and not services.shutting_down:
+            raise
+        log.info("stopped; %d errors of connections cut at shutdown ignored", len(group.exceptions))
 
 
 def _worker(settings: Settings, sock: socket.socket | None) -> None:
     _raise_nofile()
-    install_connection_handler()
     try:
         import uvloop
 

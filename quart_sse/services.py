@@ -4,46 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from . import transports
+from .adapter import ServerAdapter, StreamPath
 from .auth import TokenCache
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .control import Control
 from .events import Message, format_position
-from .hub import Hub, Subscriber
+from .hub import Hub
 from .metrics import Metrics
 from .publisher import Publisher
-from .registry import ConnRecord, MemoryRegistry, RedisRegistry, Registry
+from .registry import MemoryRegistry, RedisRegistry, Registry
 from .settings import Settings
+from .stream import CloseReason, Farewells, Stream
 from .tickets import MemoryTickets, RedisTickets, TicketStore
 
 log = logging.getLogger("quart_sse")
 
 
-class Ending(Protocol):
-    """A handed-off stream the server ends (blueprints.stream._Stream)."""
-
-    rec: ConnRecord
-
-    def free(self) -> None: ...
-
-    def say_goodbye(self) -> None: ...
-
-
 class Services:
-    """Lives in `app.extensions["quart_sse"]`; started in `before_serving`, stopped in `after_serving`."""
+    """Lives in `app.extensions["quart_sse"]`; started in `before_serving`, stopped in `after_serving`.
 
-    def __init__(self, settings: Settings) -> None:
+    `adapter` is the server's (quart_sse.server builds it; see quart_sse.adapter); an app served any other way
+    keeps the default one, which is off: every stream then takes the generator path.
+    """
+
+    def __init__(self, settings: Settings, adapter: ServerAdapter | None = None) -> None:
         self.settings = settings
+        self.adapter = adapter if adapter is not None else ServerAdapter()
         self.instance = uuid.uuid4().hex
         self.metrics = Metrics()
         self.broker: Broker
@@ -74,7 +69,7 @@ class Services:
         self.token_cache = TokenCache()
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ending: list[Ending] = []
+        self.farewells = Farewells(self)
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
 
@@ -84,10 +79,25 @@ class Services:
         if msg.pos is not None:
             self.metrics.delivery_seconds.observe(max(0.0, time.time() - msg.pos[0] / 1000))
 
+    @property
+    def stream_path(self) -> StreamPath:
+        """The path HTTP/1.x streams take on this instance (HTTP/2 streams always take the generator's)."""
+        if self.adapter.active and self.settings.stream_handoff:
+            return StreamPath.HANDED_OFF
+        return StreamPath.GENERATOR
+
     async def start(self) -> None:
         where = f"{self.broker.name} broker at {self._redacted()}" if self.broker.name.startswith("redis") else \
             "in-process broker (no REDIS_URL/REDIS_HOST set: single instance only)"
         log.info("quart-sse %s starting on the %s", self.settings.app_name, where)
+        self.adapter.recheck()
+        if not self.adapter.attached:
+            log.warning("not served by `python -m quart_sse serve` (the supported way to run it): streams take the "
+                        "generator path (no hand-off, ~30 KiB more per stream), a client that stops reading is "
+                        "closed but not cut, and a shutdown may not say goodbye to streams before the server "
+                        "stops waiting for them")
+        for path in StreamPath:
+            self.metrics.stream_path.labels(path.value).set(1 if path is self.stream_path else 0)
         await self.broker.start(self.hub.dispatch, self.control.handle, self._on_reconnect)
         await self.registry.start()
         self.hub.start()
@@ -95,24 +105,7 @@ class Services:
     def begin_shutdown(self) -> int:
         """End every stream with a jittered `retry:` so that clients do not all come back in the same second."""
         self.shutting_down = True
-        return self.hub.close_all("shutdown")
-
-    def end_together(self, stream: Ending) -> None:
-        """A handed-off stream the server ends (disconnect, token expiry, shutdown): those ended in the same loop
-        iteration are freed at once, their releases awaited once (at most 1 s), then each writes its last bytes.
-        One task for all; a task and a wait per stream took seconds for the 15,000 streams of a shutdown."""
-        self._ending.append(stream)
-        if len(self._ending) == 1:
-            self.spawn(self._end_all())
-
-    async def _end_all(self) -> None:
-        await asyncio.sleep(0)  # the rest of this iteration's streams join the batch
-        batch, self._ending = self._ending, []
-        for stream in batch:
-            stream.free()
-        await self.registry.released(*(stream.rec for stream in batch))
-        for stream in batch:
-            stream.say_goodbye()
+        return self.hub.close_all(CloseReason.SHUTDOWN)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A short background job (an owned stream's goodbye) that shutdown waits for, up to GRACEFUL_TIMEOUT."""
@@ -130,32 +123,11 @@ class Services:
         await self.registry.stop()
         await self.broker.close()
 
-    def retry_after_close(self, reason: str) -> int:
-        base = self.settings.sse_retry_ms
-        if reason == "shutdown":
-            return base + random.randint(0, 10_000)
-        return base + random.randint(0, base)
-
     def _redacted(self) -> str:
         from urllib.parse import urlsplit
 
         u = urlsplit(self.settings.redis_dsn or "")
         return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
-
-    def stream_closed(self, sub: Subscriber) -> None:
-        """Every stream's `on_close`. A slow consumer's connection is aborted: closing it would wait for a send
-        buffer that never drains, and the stream's generator is stuck in a write the client never reads."""
-        if sub.reason != "slow consumer":
-            return
-        self.metrics.slow_disconnects.inc()
-        if sub.owned and sub.sink is not None:  # the connection was handed off: the stream holds it
-            sub.sink.abort()
-            aborted = True
-        else:
-            aborted = transports.abort(sub.peer)
-        log.warning("slow consumer disconnected: over %d events or %d bytes queued (connection %s)",
-                    sub.max_events, sub.max_bytes, "aborted" if aborted else "not tracked, closed",
-                    extra={"app": sub.app, "user": sub.user, "conn": sub.conn_id})
 
     # -- after a Redis outage: give every open stream what history holds that it missed --------------------------
     def _on_reconnect(self) -> None:
@@ -185,7 +157,7 @@ class Services:
                 sub.release()
 
     async def _resync_all(self) -> None:
-        groups: dict[tuple[str, str], list[Subscriber]] = defaultdict(list)
+        groups: dict[tuple[str, str], list[Stream]] = defaultdict(list)
         for sub in list(self.hub.subscribers):
             if sub.last_pos is not None and not sub.closed:
                 groups[(sub.app, sub.user)].append(sub)
@@ -193,7 +165,7 @@ class Services:
             await self._resync_user(app, user, subs)
         log.info("resynced %d users from history after the Redis outage", len(groups))
 
-    async def _resync_user(self, app: str, user: str, subs: list[Subscriber]) -> None:
+    async def _resync_user(self, app: str, user: str, subs: list[Stream]) -> None:
         since = min(s.last_pos for s in subs if s.last_pos is not None)
         try:
             replay = await self.broker.replay(app, user, format_position(since), known=True)
@@ -210,7 +182,7 @@ class Services:
             _merge_missed(sub, replay.messages)
 
 
-def _merge_missed(sub: Subscriber, missed: list[Message]) -> None:
+def _merge_missed(sub: Stream, missed: list[Message]) -> None:
     """Put history the stream missed in front of what is queued, in position order, without duplicates."""
     last = sub.last_pos
     for msg in missed:

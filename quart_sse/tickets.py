@@ -40,6 +40,10 @@ MAX_TICKET_LEN = 128
 class TicketStore(Protocol):
     async def issue(self, ident: Identity, ttl: int) -> str: ...
 
+    async def peek(self, ticket: str) -> Identity | None:
+        """The ticket's identity without spending it; None when unknown, used or expired."""
+        ...
+
     async def redeem(self, ticket: str) -> Identity | None:
         """The ticket's identity, once; None when unknown, used or expired."""
         ...
@@ -62,6 +66,12 @@ class MemoryTickets:
         self._tickets[ticket] = (now + ttl, ident)
         return ticket
 
+    async def peek(self, ticket: str) -> Identity | None:
+        entry = self._tickets.get(ticket)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
     async def redeem(self, ticket: str) -> Identity | None:
         if len(ticket) > MAX_TICKET_LEN:
             return None
@@ -82,6 +92,15 @@ class RedisTickets:
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
         return ticket
+
+    async def peek(self, ticket: str) -> Identity | None:
+        if len(ticket) > MAX_TICKET_LEN:
+            return None
+        try:
+            raw = await self.redis.get(keys.ticket_key(ticket))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return _decode(raw) if isinstance(raw, bytes) else None
 
     async def redeem(self, ticket: str) -> Identity | None:
         if len(ticket) > MAX_TICKET_LEN:

@@ -23,7 +23,7 @@ from quart import Quart
 
 from quart_sse.app import create_app
 from quart_sse.auth import mint
-from quart_sse.server import hypercorn_config, install_connection_handler
+from quart_sse.server import hypercorn_config
 from quart_sse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,9 +153,10 @@ class RawStream:
 
 
 async def open_stream(port: int, path: str = "/sse", headers: dict[str, str] | None = None,
-                      host: str = "127.0.0.1") -> RawStream:
+                      host: str = "127.0.0.1", accept: str = "text/event-stream") -> RawStream:
+    """A stream request as an EventSource sends it (`accept`: what else a client may name, e.g. JSON)."""
     reader, writer = await asyncio.open_connection(host, port)
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", f"Accept: {accept}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     await writer.drain()
@@ -169,7 +170,7 @@ async def open_stream(port: int, path: str = "/sse", headers: dict[str, str] | N
         k, _, v = line.decode("latin-1").partition(":")
         hdrs[k.strip().lower()] = v.strip()
     stream = RawStream(reader, writer, status, hdrs)
-    if hdrs.get("transfer-encoding") != "chunked":  # an error answer: read its body whole
+    if hdrs.get("transfer-encoding") != "chunked":  # an error answer or a refusal: read its body whole
         n = int(hdrs.get("content-length", "0"))
         stream.raw += await reader.readexactly(n) if n else b""
     return stream
@@ -193,15 +194,17 @@ class LiveServer:
 
     async def start(self) -> None:
         settings = self.services.settings
-        install_connection_handler()  # the same connection handler as `python -m quart_sse serve`
-        cfg = hypercorn_config(settings)
+        # the same connection handler as `python -m quart_sse serve`, tracked by the app's own adapter
+        cfg = hypercorn_config(settings, adapter=self.services.adapter)
         cfg.bind = [f"127.0.0.1:{self.port}"]
         if self.tweak is not None:
             self.tweak(cfg)
         self._task = asyncio.get_running_loop().create_task(
             hypercorn_serve(self.app, cfg, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
         deadline = time.monotonic() + 10
-        async with httpx.AsyncClient() as c:
+        # `Connection: close`: a kept-alive connection's task would linger in Hypercorn for keep_alive_timeout after
+        # the client leaves, and count in the tests that compare the service's tasks before and after
+        async with httpx.AsyncClient(headers={"Connection": "close"}) as c:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await c.get(self.url + "/health")).status_code == 200:
@@ -311,6 +314,14 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def refusal(st: RawStream) -> tuple[str, int] | None:
+    """An EventSource's view of a refused stream: 200, then `retry: <ms>` and `: refused <code>`, and the end."""
+    m = re.fullmatch(rb"retry: (\d+)\n: refused ([a-z_]+)\n\n", bytes(st.raw))
+    if st.status != 200 or m is None:
+        return None
+    return m.group(2).decode(), int(m.group(1))
 
 
 def metric_value(text: str, name: str) -> float:

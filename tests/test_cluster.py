@@ -305,7 +305,8 @@ async def test_failover_of_a_primary(tmp_path: Path, monkeypatch: pytest.MonkeyP
             async with httpx.AsyncClient() as c:
                 assert (await c.get(srv.url + "/health")).status_code == 200
                 assert (await c.get(srv.url + "/ready")).status_code == 503
-                early = await open_stream(srv.port, headers=auth(token(SETTINGS, "alice", "shop")))
+                early = await open_stream(srv.port, headers=auth(token(SETTINGS, "alice", "shop")),
+                                          accept="application/json")
                 assert early.status == 503  # not a 500: no node answers yet
                 await early.close()
                 r = await c.post(srv.url + "/publish/shop/alice", json={"type": "t"},

@@ -62,7 +62,7 @@ async def test_crashed_instance_is_forgotten_within_registry_ttl(redis_srv: Redi
 
             assert await users() == {"carol", "dave", "erin"}
             # carol holds her cap of 2 (on A): a third stream anywhere is refused
-            extra = await open_stream(b.port, headers=auth(token(SETTINGS, "carol", APP)))
+            extra = await open_stream(b.port, headers=auth(token(SETTINGS, "carol", APP)), accept="application/json")
             streams.append(extra)
             assert extra.status == 429
             sent = await http.post(f"/publish/{APP}/carol", json={"type": "t", "data": 1},

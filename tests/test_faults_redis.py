@@ -100,7 +100,8 @@ async def test_redis_outage_streams_survive_resubscribe_and_resync(rig: tuple[Re
     refused_after_return = 0
     redis_back = False  # publishes started after Redis returned must all succeed (stale pooled connections)
 
-    async with httpx.AsyncClient(base_url=srv.url, timeout=10) as http:
+    # one keep-alive connection at most: each one kept open adds Hypercorn's tasks, which the count below compares
+    async with httpx.AsyncClient(base_url=srv.url, timeout=10, limits=httpx.Limits(max_connections=1)) as http:
         async def post(app: str, user: str | None, n: int) -> None:
             nonlocal refused, refused_after_return
             up, back = link.connected, redis_back

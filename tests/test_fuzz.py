@@ -31,9 +31,10 @@ from quart.testing import QuartClient
 from quart_sse import keys
 from quart_sse.auth import MAX_EXP
 from quart_sse.events import MAX_DATA_BYTES, MAX_ID_LEN, MAX_TYPE_LEN, EventError
-from quart_sse.hub import Subscriber
 from quart_sse.ids import is_valid_id
+from quart_sse.registry import ConnRecord
 from quart_sse.settings import Settings
+from quart_sse.stream import Stream
 from tests.support import SECRET, LiveServer, RawStream, auth, live_server, make_settings, open_stream, token
 from tests.support_security import client_for, forge, sse
 
@@ -305,10 +306,11 @@ def _publish_ok(raw: bytes) -> dict[str, Any] | None:
 
 
 @contextlib.asynccontextmanager
-async def _listeners(app: Quart) -> AsyncIterator[dict[str, Subscriber]]:
-    """Subscribers on the hub for app1/alice (the target), app1/bob and app2/alice (bystanders)."""
+async def _listeners(app: Quart) -> AsyncIterator[dict[str, Stream]]:
+    """Streams on the hub for app1/alice (the target), app1/bob and app2/alice (bystanders)."""
     hub = app.extensions["quart_sse"].hub
-    subs = {f"{a}/{u}": Subscriber(str(uuid.uuid4()), a, u, (keys.user_channel(a, u), keys.broadcast_channel(a)))
+    subs = {f"{a}/{u}": Stream(ConnRecord(str(uuid.uuid4()), a, u, ""),
+                               (keys.user_channel(a, u), keys.broadcast_channel(a)))
             for a, u in (("app1", "alice"), ("app1", "bob"), ("app2", "alice"))}
     for sub in subs.values():
         await hub.attach(sub)

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from quart_sse import transports
-from quart_sse.hub import Subscriber
+from quart_sse.stream import Stream, StreamState
 from tests.support import LiveServer, RawStream, auth, live_server, open_stream, token
 from tests.support_faults import until
 
@@ -34,7 +33,7 @@ def _alive(type_name: str) -> int:
     return sum(1 for o in gc.get_objects() if type(o).__name__ == type_name)
 
 
-async def _stream(srv: LiveServer, user: str = "alice", **kw: Any) -> tuple[RawStream, Subscriber]:
+async def _stream(srv: LiveServer, user: str = "alice", **kw: Any) -> tuple[RawStream, Stream]:
     """A stream, once it has reached its steady state (handed off, or its generator parked)."""
     s = srv.services.settings
     st = await open_stream(srv.port, headers=auth(token(s, user, APP, **kw)))
@@ -42,7 +41,7 @@ async def _stream(srv: LiveServer, user: str = "alice", **kw: Any) -> tuple[RawS
     hub = srv.services.hub
     await until(lambda: any(x.user == user for x in hub.subscribers))
     sub = next(x for x in hub.subscribers if x.user == user)
-    await until(lambda: sub.owned if s.stream_handoff else sub.parked)
+    await until(lambda: sub.state is StreamState.OWNED if s.stream_handoff else sub.parked)
     return st, sub
 
 
@@ -74,9 +73,10 @@ async def test_open_streams_keep_no_request_or_connection_object(srv: LiveServer
             # within 5 s: the tests' plain asyncio loop keeps a cancelled timer, and the context it was set in, until
             # its time (the hub's 5 s attach timeout); uvloop frees it at once
             await until(lambda: _alive("H11Protocol") <= before[0] and _alive("RequestContext") <= before[1], 10, 0.2)
-            assert transports.count() == 0 and all(sub.owned for _, sub in opened)
+            assert len(srv.services.adapter) == 0 and all(sub.state is StreamState.OWNED for _, sub in opened)
         else:
-            assert _alive("RequestContext") == before[1] + 3 and not any(sub.owned for _, sub in opened)
+            assert _alive("RequestContext") == before[1] + 3
+            assert not any(sub.state is StreamState.OWNED for _, sub in opened)
         for i in range(3):
             await _publish(srv, "u1", i)
         got = [await opened[1][0].next_event() for _ in range(3)]
@@ -143,7 +143,7 @@ async def test_a_client_that_falls_behind_gets_everything_in_order_once_it_reads
     hub = srv.services.hub
     await until(lambda: any(x.user == "lagging" for x in hub.subscribers))
     sub = next(x for x in hub.subscribers if x.user == "lagging")
-    await until(lambda: sub.owned if s.stream_handoff else sub.parked)
+    await until(lambda: sub.state is StreamState.OWNED if s.stream_handoff else sub.parked)
     n, pad = 60, "x" * 8000  # ~480 KiB: more than the kernel's buffers and the transport's high-water mark
     try:
         for i in range(n):
@@ -199,7 +199,7 @@ async def test_http2_streams_share_a_connection_and_keep_their_generators(server
             c.stream("GET", "/sse", headers=auth(token(s, "h2b", APP))) as rb:
         assert ra.http_version == rb.http_version == "HTTP/2" and ra.status_code == rb.status_code == 200
         await until(lambda: len(hub.subscribers) == 2 and all(x.parked for x in hub.subscribers))
-        assert not any(x.owned for x in hub.subscribers)
+        assert not any(x.state is StreamState.OWNED for x in hub.subscribers)
         for user, resp in (("h2a", ra), ("h2b", rb)):
             await _publish(server, user, 5)
             text = ""

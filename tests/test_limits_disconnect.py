@@ -2,7 +2,9 @@
 
 DELETE /connections/{app}/{user} closes the user's streams on every instance through the control channel and
 answers how many. MAX_CONNECTIONS_PER_USER holds across instances (429), MAX_CONNECTIONS per process (503), both as
-JSON; a stream that ends gives its place back before its client can see the end, so reconnecting at once works.
+JSON for a client that asks for JSON, and for an EventSource (which stops for good on any non-200 answer) 200 with
+a jittered `retry:` and `: refused <code>`; a stream that ends gives its place back before its client can see the
+end, so reconnecting at once works.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ import orjson
 import pytest
 
 from quart_sse import keys
-from tests.support import RawStream, RedisServer, ServiceProcess, auth, free_port, make_settings, open_stream, token
+from tests.support import (
+    RawStream,
+    RedisServer,
+    ServiceProcess,
+    auth,
+    free_port,
+    make_settings,
+    open_stream,
+    refusal,
+    token,
+)
 from tests.support_faults import redis_client, until
 
 pytestmark = pytest.mark.slow
@@ -51,8 +63,8 @@ class Streams:
     def __init__(self) -> None:
         self.all: list[RawStream] = []
 
-    async def open(self, proc: ServiceProcess, user: str) -> RawStream:
-        st = await open_stream(proc.port, headers=auth(token(SETTINGS, user, APP)))
+    async def open(self, proc: ServiceProcess, user: str, accept: str = "text/event-stream") -> RawStream:
+        st = await open_stream(proc.port, headers=auth(token(SETTINGS, user, APP)), accept=accept)
         self.all.append(st)
         return st
 
@@ -118,9 +130,11 @@ async def test_per_user_cap_holds_across_instances(
     assert (await streams.open(a, "alice")).status == 200
     assert (await streams.open(b, "alice")).status == 200
     for proc in (a, b):
-        over = await streams.open(proc, "alice")
+        over = await streams.open(proc, "alice", accept="application/json")
         assert over.status == 429 and _error(over) == "too_many_connections"
         assert over.headers.get("retry-after")
+        refused = refusal(await streams.open(proc, "alice"))  # an EventSource: retried, never given up
+        assert refused is not None and refused[0] == "too_many_connections" and refused[1] >= 2000, refused
     assert (await streams.open(b, "bob")).status == 200  # another user is not affected
 
 
@@ -128,8 +142,10 @@ async def test_per_process_cap(pair: tuple[RedisServer, ServiceProcess, ServiceP
     _, a, b = pair
     held = [await streams.open(a, f"u{i}") for i in range(CAP_PROCESS)]
     assert all(s.status == 200 for s in held)
-    full = await streams.open(a, "late")
+    full = await streams.open(a, "late", accept="application/json")
     assert full.status == 503 and _error(full) == "instance_full"
+    refused = refusal(await streams.open(a, "late"))
+    assert refused is not None and refused[0] == "instance_full", refused
     assert (await streams.open(b, "late")).status == 200  # the other instance has room
     # a client leaving frees its place at once: close and reopen, many times, never a 503
     for i in range(20):

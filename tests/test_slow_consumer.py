@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quart_sse import transports
 from quart_sse.events import PING, Message
-from quart_sse.hub import Subscriber
+from quart_sse.registry import ConnRecord
 from quart_sse.services import Services
+from quart_sse.stream import CloseReason, Stream
 from tests.support import RawStream, ServiceProcess, auth, free_port, make_settings, open_stream, token
 from tests.support_faults import StalledClient, metric, p99, rss_mib, until
 
@@ -167,21 +167,20 @@ def _msg(n: int, size: int = 10) -> Message:
 
 @pytest.mark.parametrize(("max_events", "max_bytes", "size"), [(3, 1 << 20, 10), (1000, 1024, 400)])
 def test_a_buffer_over_either_bound_closes_the_stream(max_events: int, max_bytes: int, size: int) -> None:
-    closed: list[str] = []
-    sub = Subscriber("c", "a", "u", ("ch",), max_events=max_events, max_bytes=max_bytes)
-    sub.on_close = lambda s: closed.append(s.reason)
+    sub = Stream(ConnRecord("c", "a", "u", ""), ("ch",), max_events=max_events, max_bytes=max_bytes)
     n = 0
     while not sub.closed:
         sub.push(_msg(n, size))
         n += 1
         assert n <= max_events + 1 and (n - 1) * (size + 30) <= max_bytes + size + 30
-    assert closed == ["slow consumer"] and not sub.pending() and sub.drain() == b""  # the queue is let go at once
+    assert sub.reason is CloseReason.SLOW_CONSUMER
+    assert not sub.pending() and sub.drain() == b""  # the queue is let go at once
     sub.push(_msg(n))  # nothing more is taken
     assert not sub.pending()
 
 
 def test_held_stream_sends_pings_and_keeps_positioned_events_back() -> None:
-    sub = Subscriber("c", "a", "u", ("ch",))
+    sub = Stream(ConnRecord("c", "a", "u", ""), ("ch",))
     sub.last_pos = (1, 1)
     sub.hold()
     sub.push(_msg(5))
@@ -195,18 +194,8 @@ def test_held_stream_sends_pings_and_keeps_positioned_events_back() -> None:
     assert sub.drain() == b"".join(_msg(n).frame for n in (3, 4, 5)) and sub.last_pos == (5, 1)
 
 
-class _Conn:
-    """What the server records per connection (transports.Connection), around a plain asyncio transport."""
-
-    def __init__(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def hand_off(self, protocol: asyncio.Protocol) -> bool:
-        return False
-
-
 async def test_slow_consumer_close_aborts_its_connection() -> None:
-    """Services.stream_closed aborts the transport recorded for the stream's peer: closing would wait forever."""
+    """A slow consumer's transport is aborted (Stream.close): closing would wait forever on its send buffer."""
     accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
 
     async def on_conn(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -215,21 +204,17 @@ async def test_slow_consumer_close_aborts_its_connection() -> None:
     server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
     server_side = await accepted.get()
-    peer = writer.get_extra_info("sockname")
-    transports.register(peer, _Conn(server_side.transport))  # type: ignore[arg-type]
     svc = Services(make_settings())
-    sub = Subscriber("c", "a", "u", ("ch",), max_events=1, peer=peer)
-    sub.on_close = svc.stream_closed
+    sub = Stream(ConnRecord("c", "a", "u", ""), ("ch",), services=svc, max_events=1)
+    sub.sink = server_side.transport  # type: ignore[assignment]
     try:
         sub.push(_msg(1))
         sub.push(_msg(2))
-        assert sub.reason == "slow consumer" and server_side.transport.is_closing()
+        assert sub.reason is CloseReason.SLOW_CONSUMER and server_side.transport.is_closing()
         with contextlib.suppress(ConnectionResetError):  # the client sees its connection end (FIN or RST)
             assert await asyncio.wait_for(reader.read(), 2) == b""
         assert svc.metrics.slow_disconnects._value.get() == 1
-        assert not transports.abort(peer)  # unregistered by the abort
     finally:
-        transports.unregister(peer)
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()

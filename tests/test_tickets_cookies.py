@@ -14,7 +14,8 @@ import httpx
 import redis.asyncio as aioredis
 
 from quart_sse.settings import Settings
-from tests.support import LiveServer, auth, live_server, make_settings, open_stream, token
+from tests.support import LiveServer, auth, live_server, make_settings, open_stream, refusal, token
+from tests.support_faults import until
 from tests.support_security import capture_logs, client_for
 
 
@@ -162,12 +163,26 @@ async def test_user_cap_counts_tickets_cookies_and_tokens(settings_factory: Any)
         try:
             assert [st.status for st in opened] == [200, 200]
             body = await _ticket(srv, tok)
-            over = [await open_stream(srv.port, "/sse?ticket=" + urllib.parse.quote(body["ticket"])),
-                    await open_stream(srv.port, headers={"Cookie": f"{s.jwt_cookie_name}={tok}"}),
-                    await open_stream(srv.port, f"/sse?token={tok}")]
+            path = "/sse?ticket=" + urllib.parse.quote(body["ticket"])
+            as_json = "application/json"
+            over = [await open_stream(srv.port, path, accept=as_json),
+                    await open_stream(srv.port, headers={"Cookie": f"{s.jwt_cookie_name}={tok}"}, accept=as_json),
+                    await open_stream(srv.port, f"/sse?token={tok}", accept=as_json)]
             assert [st.status for st in over] == [429, 429, 429]
-            for st in over:
+            refused = await open_stream(srv.port, path)  # an EventSource's request with the same ticket
+            assert refusal(refused) is not None
+            for st in [*over, refused]:
                 await st.close()
+            # a refused stream did not spend its ticket: the EventSource's retry (the same URL) gets in once the
+            # cap frees, and the ticket is spent then
+            await opened.pop().close()
+            await until(lambda: len(srv.services.hub.subscribers) == 1)
+            again = await open_stream(srv.port, path)
+            opened.append(again)
+            assert again.status == 200 and refusal(again) is None
+            spent = await open_stream(srv.port, path, accept=as_json)
+            assert spent.status == 401
+            await spent.close()
         finally:
             for st in opened:
                 await st.close()

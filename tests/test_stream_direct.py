@@ -1,12 +1,16 @@
-"""The hub's direct-write path (hub.Subscriber.push): when it may write to the transport, and that order holds."""
+"""A stream's direct-write path (stream.Stream.push): when it may write to the transport, and that order holds."""
 
 from __future__ import annotations
 
 import asyncio
 
+from quart_sse.adapter import HIGH_WATER
 from quart_sse.events import PING, Message
-from quart_sse.hub import DIRECT_WRITE_LIMIT, Subscriber
+from quart_sse.registry import ConnRecord
+from quart_sse.stream import CloseReason, Stream
 from tests.support_faults import until
+
+DIRECT_WRITE_LIMIT = HIGH_WATER
 
 
 class Sink:
@@ -14,6 +18,7 @@ class Sink:
 
     def __init__(self) -> None:
         self.out = bytearray()
+        self.writes = 0  # one write per event or flush: never writelines (gh-127655)
         self.buffered = 0
         self.closing = False
         self.aborted = False
@@ -25,17 +30,21 @@ class Sink:
         self.closing = self.aborted = True
 
     def write(self, data: bytes) -> None:
+        self.writes += 1
         self.out += data
-
-    def writelines(self, parts: tuple[bytes, ...]) -> None:
-        for p in parts:
-            self.out += p
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
     def is_closing(self) -> bool:
         return self.closing
+
+
+def new_stream(sink: Sink | None = None, chunked: bool = True) -> Stream:
+    stream = Stream(ConnRecord("c", "a", "u", ""), ("ch",))
+    stream.sink = sink  # type: ignore[assignment]
+    stream.chunked = chunked
+    return stream
 
 
 def msg(i: int) -> Message:
@@ -46,7 +55,7 @@ def chunk(m: Message) -> bytes:
     return b"%x\r\n" % len(m.frame) + m.frame + b"\r\n"
 
 
-async def parked(sub: Subscriber) -> asyncio.Task[None]:
+async def parked(sub: Stream) -> asyncio.Task[None]:
     task = asyncio.get_running_loop().create_task(sub.wait())
     await asyncio.sleep(0)  # let it park
     assert sub.parked
@@ -55,12 +64,12 @@ async def parked(sub: Subscriber) -> asyncio.Task[None]:
 
 async def test_parked_stream_gets_chunked_frames_directly() -> None:
     sink = Sink()
-    sub = Subscriber("c", "a", "u", ("ch",))
-    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    sub = new_stream(sink, chunked=True)
     waiter = await parked(sub)
     sub.push(msg(1))
     sub.push(PING)
     assert bytes(sink.out) == chunk(msg(1)) + chunk(PING)
+    assert sink.writes == 2  # one write per event: the message's own pre-joined chunk
     assert not sub.pending() and sub.last_pos == (1000, 1)
     assert not waiter.done()  # no wake-up at all
     waiter.cancel()
@@ -68,8 +77,7 @@ async def test_parked_stream_gets_chunked_frames_directly() -> None:
 
 async def test_http10_gets_raw_frames() -> None:
     sink = Sink()
-    sub = Subscriber("c", "a", "u", ("ch",))
-    sub.direct_to(sink, chunked=False)  # type: ignore[arg-type]
+    sub = new_stream(sink, chunked=False)
     waiter = await parked(sub)
     sub.push(msg(1))
     assert bytes(sink.out) == msg(1).frame
@@ -79,8 +87,7 @@ async def test_http10_gets_raw_frames() -> None:
 async def test_queue_path_keeps_order_until_drained() -> None:
     """Not parked (the generator has not drained yet): everything queues, even once the buffer empties."""
     sink = Sink()
-    sub = Subscriber("c", "a", "u", ("ch",))
-    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    sub = new_stream(sink, chunked=True)
     waiter = await parked(sub)
     sink.buffered = DIRECT_WRITE_LIMIT + 1  # a slow client: queue
     sub.push(msg(1))
@@ -96,8 +103,7 @@ async def test_queue_path_keeps_order_until_drained() -> None:
 
 async def test_replay_seam_and_resync_hold_use_the_queue() -> None:
     sink = Sink()
-    sub = Subscriber("c", "a", "u", ("ch",))
-    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    sub = new_stream(sink, chunked=True)
     sub.after = (1000, 5)  # live copies of replayed events must be filtered by drain()
     waiter = await parked(sub)
     sub.push(msg(4))
@@ -113,21 +119,20 @@ async def test_replay_seam_and_resync_hold_use_the_queue() -> None:
 
 async def test_closing_transport_or_closed_stream_is_never_written() -> None:
     sink = Sink()
-    sub = Subscriber("c", "a", "u", ("ch",))
-    sub.direct_to(sink, chunked=True)  # type: ignore[arg-type]
+    sub = new_stream(sink, chunked=True)
     waiter = await parked(sub)
     sink.closing = True
     sub.push(msg(1))
     assert sink.out == b""
     await waiter
-    sub.close("bye")
+    sub.close(CloseReason.SHUTDOWN)
     sub.push(msg(2))
     assert sink.out == b""
 
 
 async def test_release_drops_live_copies_of_merged_history() -> None:
     """A live copy of an event the resync already merged (published while it read history) goes out once."""
-    sub = Subscriber("c", "a", "u", ("ch",))
+    sub = new_stream()
     sub.last_pos = (1000, 0)
     sub.hold()
     sub.push(msg(3))  # live, held back
@@ -140,11 +145,10 @@ async def test_release_drops_live_copies_of_merged_history() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ owned streams
-def owned(chunked: bool = True) -> tuple[Subscriber, Sink]:
-    """A stream whose connection was handed off (quart_sse.handoff): no generator, `flush` drains the queue."""
+def owned(chunked: bool = True) -> tuple[Stream, Sink]:
+    """A stream whose connection was handed off: no generator, `flush` drains the queue."""
     sink = Sink()
-    sub = Subscriber("c", "a", "u", ("ch",))
-    sub.direct_to(sink, chunked=chunked)  # type: ignore[arg-type]
+    sub = new_stream(sink, chunked=chunked)
     sub.own()
     return sub, sink
 
@@ -174,8 +178,9 @@ def test_owned_stream_flushes_what_queued_when_the_transport_drains() -> None:
     sub.flush()  # still full: nothing
     assert sink.out == b""
     sink.buffered = 0
-    sub.flush()  # what OwnedStream.resume_writing does
+    sub.resume_writing()  # the transport's buffer drained
     assert bytes(sink.out) == b"%x\r\n" % (2 * len(msg(1).frame)) + msg(1).frame + msg(2).frame + b"\r\n"
+    assert sink.writes == 1  # one chunk, one write: nothing depends on writelines pausing the protocol
 
 
 def test_owned_stream_keeps_the_seam_and_the_resync_hold() -> None:
@@ -198,7 +203,7 @@ def test_owned_stream_keeps_the_seam_and_the_resync_hold() -> None:
 
 async def test_owned_stream_last_bytes_end_the_response_and_the_connection() -> None:
     sub, sink = owned()
-    sub.close("kicked")
+    sub.close(CloseReason.DISCONNECTED)
     last = b": closing kicked\nretry: 10\n\n"
     sub.write_last(last)
     assert bytes(sink.out) == b"%x\r\n" % len(last) + last + b"\r\n0\r\n\r\n" and sink.closing

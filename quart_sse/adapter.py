@@ -1,0 +1,344 @@
+"""The one place that touches the server's connections: Hypercorn's asyncio worker, patched and checked.
+
+Quart hands an app nothing but ASGI events, and ASGI has no way to reach a connection's socket. The service's
+speed needs three things ASGI does not give (docs/internals.md explains each, with its measurement):
+
+- **direct writes**: the hub writes each pre-encoded event straight to an idle HTTP/1.x stream's transport
+  (one `write` per event per socket, instead of a task wake-up, Quart's send loop, Hypercorn's ASGI send and h11);
+- **hand-off**: once a stream has started, its connection leaves Hypercorn for good, so Quart's request and
+  Hypercorn's connection objects (~30 KiB) do not live as long as the stream;
+- **abort**: a client that stopped reading is cut (`transport.abort()`); closing would wait forever on a send
+  buffer that never drains.
+
+So `install()` makes Hypercorn's asyncio worker build connections with `TrackedTCPServer`, which records itself in
+the `ServerAdapter` of the app it serves (reached through Hypercorn's `Config`, so several servers in one process,
+as in the tests, keep apart). `check()` verifies, at start-up, every Hypercorn and asyncio internal this relies on,
+and that the patch took effect; when anything is missing the adapter is off: one log line names what, and every
+stream takes the generator path (Quart's response generator holds it; slow consumers are closed, not aborted).
+
+An event stream's connection carries nothing after the stream's request: its response says `Connection: close`,
+and from the stream's start its reads go to the stream (`Stream` is the transport's protocol, quart_sse.stream):
+whatever the client sends (a request pipelined behind the stream) is dropped and never started, and the client's
+end-of-file ends the stream at once (RFC 9112 §9.3.2 allows a server to close instead of answering pipelined
+requests; Hypercorn would otherwise stop reading behind a pipelined request and never see the client leave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import enum
+import inspect
+import logging
+import socket
+import types
+from collections.abc import Callable
+from typing import Any
+
+from hypercorn.asyncio import run as hypercorn_run
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
+
+log = logging.getLogger("quart_sse.adapter")
+
+Peer = tuple[str, int]
+HIGH_WATER = 64 * 1024  # a transport's write buffer above this pauses writers (asyncio's and uvloop's default)
+#: The kernel's send buffer per client socket (Linux doubles it). Left to autotuning it grows to megabytes
+#: (net.ipv4.tcp_wmem), all of it taken by a client that stopped reading before the stream's own bounded queue
+#: even starts to fill; 64 KiB still carries >1 MB/s per stream at 100 ms round trip.
+SNDBUF = 64 * 1024
+_CONFIG_ATTR = "quart_sse_adapter"
+_STREAM_ENDED = "quart_sse: the event stream ended, and so does the connection's read loop"
+
+
+class StreamPath(enum.Enum):
+    """Which path a stream takes (`/ready`'s `stream_path`, the `path` label of `sse_streams_opened_total`)."""
+
+    HANDED_OFF = "handed_off"  # the stream owns its connection; the hub writes to it
+    GENERATOR = "generator"  # Quart's response generator holds the stream to its end
+
+
+class ReleasedWriter(asyncio.StreamWriter):
+    """Hypercorn's writer once its connection is handed off: the transport is no longer its to write or close.
+
+    Swapped in by class so that Hypercorn's own clean-up (`write_eof`, `close`, `wait_closed`) and the finaliser
+    (`StreamWriter.__del__` closes an open transport) leave the stream alone.
+    """
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def writelines(self, data: Any) -> None:
+        pass
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+    def __del__(self) -> None:
+        pass
+
+
+class ServerAdapter:
+    """The open HTTP connections of one served app, by the client's address, and what may be done with them.
+
+    Built by `quart_sse.server` and given to the app (`Services.adapter`); `attach(config)` ties it to the
+    Hypercorn config that serves the app. `active` is False when `check()` found something missing or when the
+    app is served some other way: then `take_reads` answers None and every stream takes the generator path.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[Peer, TrackedTCPServer] = {}
+        self.attached = False  # a Hypercorn config of quart_sse.server serves the app
+        self.problems: tuple[str, ...] = ()  # what `check()` found missing
+
+    @property
+    def active(self) -> bool:
+        return self.attached and not self.problems
+
+    def attach(self, config: Config) -> None:
+        """Install the connection handler, check what it relies on, and serve `config`'s connections."""
+        install()
+        self.problems = tuple(check())
+        self.attached = True
+        setattr(config, _CONFIG_ATTR, self)
+        if self.problems:
+            log.warning("stream hand-off and direct writes are off, every stream takes the generator path: %s",
+                        "; ".join(self.problems))
+
+    def recheck(self) -> None:
+        """Before serving: the patch must still be in place (another import may have undone it)."""
+        if self.active:
+            self.problems = tuple(check())
+            if self.problems:
+                log.warning("stream hand-off and direct writes are off, every stream takes the generator path: %s",
+                            "; ".join(self.problems))
+
+    # -- connections ------------------------------------------------------------------------------------------
+    def track(self, peer: Peer, conn: TrackedTCPServer) -> None:
+        self._open[peer] = conn
+
+    def untrack(self, peer: Peer, conn: TrackedTCPServer) -> None:
+        """Forget `peer` if it is still `conn`'s (a handed-off connection's address may be reused)."""
+        if self._open.get(peer) is conn:
+            del self._open[peer]
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def take_reads(self, peer: Peer | None,
+                   protocol: asyncio.Protocol) -> tuple[asyncio.WriteTransport, asyncio.BaseProtocol] | None:
+        """An event stream starts on `peer`'s HTTP/1.x connection: from now on its reads go to `protocol`, which
+        must pass the write-flow callbacks on to the connection's own protocol (returned with the transport, for
+        direct writes) until `hand_off`. None when the connection is not ours to touch (the adapter is off, an
+        unknown peer, the client already gone)."""
+        conn = self._open.get(peer) if peer is not None and self.active else None
+        if conn is None or conn.streaming:
+            return None
+        return conn.start_stream(protocol)
+
+    def hand_off(self, peer: Peer | None) -> bool:
+        """The stream's generator is done with Hypercorn: the connection is the stream's alone from here.
+
+        False when it cannot be (TLS, a send buffer above its low-water mark, the client already gone)."""
+        conn = self._open.get(peer) if peer is not None else None
+        if peer is None or conn is None or not conn.hand_off():
+            return False
+        del self._open[peer]  # the server no longer owns it; the stream aborts it itself
+        return True
+
+    def abort_all(self) -> int:
+        """Shutdown: cut every connection still open (a client that stopped reading would hold the process)."""
+        conns = list(self._open.values())
+        for conn in conns:
+            conn.transport.abort()
+        return len(conns)
+
+
+class TrackedTCPServer(TCPServer):
+    """Hypercorn's connection handler, recording itself in its app's `ServerAdapter`.
+
+    Adds to Hypercorn's: a 64 KiB kernel send buffer, lock-free writes while uncontended, and the two steps of an
+    event stream (`start_stream`, `hand_off`). Everything else is Hypercorn's own.
+    """
+
+    streaming = False  # an event stream started on this connection: its reads are the stream's
+    handed_off = False  # the stream owns the connection; Hypercorn only winds down its own objects
+    _task: asyncio.Task[Any] | None = None
+
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        return self.writer.transport  # type: ignore[return-value]
+
+    async def run(self) -> None:
+        adapter: ServerAdapter | None = getattr(self.config, _CONFIG_ATTR, None)
+        peer: Any = None
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        with contextlib.suppress(OSError):
+            peer = self.writer.get_extra_info("peername")
+        if adapter is not None and isinstance(peer, tuple):
+            peer = (peer[0], peer[1])
+            adapter.track(peer, self)
+        else:
+            peer = None
+        self._task = asyncio.current_task()
+        try:
+            await super().run()
+        except asyncio.CancelledError as exc:  # ours (protocol_send) is no failure: the connection is done
+            if not (exc.args and exc.args[0] == _STREAM_ENDED) or self._task is None or self._task.uncancel():
+                raise
+        finally:
+            if adapter is not None and peer is not None:
+                adapter.untrack(peer, self)
+
+    def start_stream(self, protocol: asyncio.Protocol) -> tuple[asyncio.WriteTransport, asyncio.BaseProtocol] | None:
+        """The connection's reads go to `protocol` (an event stream's); Hypercorn's protocol, returned, keeps
+        hearing of the write side (pause/resume, the connection's loss) through it until the hand-off."""
+        transport: Any = self.writer.transport
+        if transport.is_closing() or self.reader.at_eof():
+            return None
+        self.streaming = True
+        upstream = transport.get_protocol()
+        _in_empty_context(_give, transport, protocol)
+        return transport, upstream
+
+    def hand_off(self) -> bool:
+        transport = self.writer.transport
+        if self.handed_off or not self.streaming or transport.is_closing():
+            return False
+        if self.writer.get_extra_info("ssl_object") is not None:  # TLS served by Hypercorn: keep its writer
+            return False
+        low, _ = transport.get_write_buffer_limits()  # type: ignore[attr-defined]
+        if transport.get_write_buffer_size() > low:  # Hypercorn's writer may be paused: not now
+            return False
+        self.handed_off = True
+        self.writer.__class__ = ReleasedWriter
+        self.reader.feed_eof()  # Hypercorn's read loop ends; its connection objects are let go
+        return True
+
+    async def protocol_send(self, event: Event) -> None:
+        """Hypercorn takes a lock and awaits `drain()` for every chunk; an SSE stream writes many small chunks.
+
+        When nobody else holds the lock, write directly: no await happens between the check and the write, so
+        ordering is the same as under the lock. `drain()` is awaited only above the high-water mark (a slow
+        client), exactly when it would have blocked. Once an event stream ended (its response carries
+        `Connection: close`), Hypercorn's read loop may still wait behind a pipelined request it will never
+        start: it is ended here, or the connection's task would live on.
+        """
+        if type(event) is RawData:
+            if self.handed_off:
+                return
+            if not self.send_lock.locked():
+                writer = self.writer
+                try:
+                    writer.write(event.data)
+                except (ConnectionError, RuntimeError):
+                    await self.protocol.handle(Closed())
+                    return
+                if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                    async with self.send_lock:
+                        try:
+                            await writer.drain()
+                        except (ConnectionError, RuntimeError):
+                            await self.protocol.handle(Closed())
+                return
+        elif type(event) is Closed and self.streaming:
+            await super().protocol_send(event)  # after a hand-off its writer is a ReleasedWriter: no harm done
+            task = self._task
+            if task is not None and task is not asyncio.current_task() and not task.done():
+                task.cancel(_STREAM_ENDED)
+            return
+        await super().protocol_send(event)
+
+
+def _give(transport: asyncio.BaseTransport, protocol: asyncio.Protocol) -> None:
+    transport.set_protocol(protocol)
+    if not transport.is_reading():  # type: ignore[attr-defined]  # Hypercorn's reader may have paused it
+        transport.resume_reading()  # type: ignore[attr-defined]
+
+
+def _in_empty_context(fn: Callable[..., None], *args: Any) -> None:
+    """A reader callback registered in the request's context would keep that context (Quart's request,
+    Hypercorn's connection) alive for as long as the stream."""
+    contextvars.Context().run(fn, *args)
+
+
+def install() -> None:
+    """Make Hypercorn's asyncio worker build its connections with `TrackedTCPServer` (idempotent)."""
+    hypercorn_run.TCPServer = TrackedTCPServer  # type: ignore[attr-defined,misc]
+
+
+# -- what the adapter relies on -------------------------------------------------------------------------------
+def _nested_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _nested_names(const)
+    return names
+
+
+def _assigned_attributes(fn: Any) -> set[str]:
+    return set(fn.__code__.co_names) if hasattr(fn, "__code__") else set()
+
+
+#: Each internal of Hypercorn and asyncio the adapter relies on: a name, and a check returning a problem or None.
+#: tests/test_internals.py runs each as its own test, so an upgrade that breaks one fails by that name.
+INTERNALS: tuple[tuple[str, Callable[[], str | None]], ...] = (
+    ("hypercorn.asyncio.run.TCPServer is looked up when a connection arrives",
+     lambda: None if "TCPServer" in _nested_names(hypercorn_run.worker_serve.__code__)
+     else "hypercorn.asyncio.run.worker_serve no longer builds connections with the module's TCPServer"),
+    ("the connection handler is ours",
+     lambda: None if getattr(hypercorn_run, "TCPServer", None) is TrackedTCPServer
+     else "hypercorn.asyncio.run.TCPServer is not quart_sse.adapter.TrackedTCPServer (the patch did not take)"),
+    ("TCPServer(app, loop, config, context, state, reader, writer)",
+     lambda: None if list(inspect.signature(TCPServer.__init__).parameters)[1:] ==
+     ["app", "loop", "config", "context", "state", "reader", "writer"]
+     else "TCPServer.__init__ takes other arguments"),
+    ("TCPServer keeps config, reader, writer, send_lock",
+     lambda: None if {"config", "reader", "writer", "send_lock"} <= _assigned_attributes(TCPServer.__init__)
+     else "TCPServer.__init__ no longer sets config/reader/writer/send_lock"),
+    ("TCPServer.run sets protocol and reads through _read_data",
+     lambda: None if {"protocol", "_read_data"} <= _assigned_attributes(TCPServer.run)
+     else "TCPServer.run no longer sets self.protocol or calls _read_data"),
+    ("TCPServer.protocol_send(event) is the connection's only writer",
+     lambda: None if list(inspect.signature(TCPServer.protocol_send).parameters) == ["self", "event"]
+     and "protocol_send" in _assigned_attributes(TCPServer.run)
+     else "TCPServer.protocol_send is gone or no longer handed to the protocol"),
+    ("hypercorn.events RawData(data) and Closed()",
+     lambda: None if hasattr(RawData, "data") or "data" in getattr(RawData, "__dataclass_fields__", {})
+     else "hypercorn.events.RawData has no data field"),
+    ("asyncio transports can change protocol and pause reading",
+     lambda: None if all(hasattr(asyncio.Transport, m) for m in
+                         ("set_protocol", "is_reading", "resume_reading", "get_write_buffer_limits",
+                          "get_write_buffer_size", "abort"))
+     else "asyncio.Transport lacks set_protocol/is_reading/resume_reading/write buffer limits/abort"),
+    ("asyncio.StreamWriter can be swapped by class",
+     lambda: None if "__slots__" not in vars(asyncio.StreamWriter)
+     else "asyncio.StreamWriter has __slots__: its class cannot be swapped at hand-off"),
+)
+
+
+def check() -> list[str]:
+    """What is missing of `INTERNALS` (empty: the adapter may act)."""
+    problems = []
+    for _name, probe in INTERNALS:
+        try:
+            problem = probe()
+        except Exception as exc:  # noqa: BLE001 - a probe that raises is a missing internal, named
+            problem = f"{_name}: {type(exc).__name__}: {exc}"
+        if problem:
+            problems.append(problem)
+    return problems

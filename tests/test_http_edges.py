@@ -1,0 +1,182 @@
+"""HTTP edge cases around a stream, over real sockets: HEAD, pipelined requests, and shutdown with any client.
+
+- `HEAD /sse` answers the head a GET would get and opens no stream; the connection serves the next request
+  (RFC 9110 §9.3.2).
+- A request pipelined behind `GET /sse` is never started, and the stream is gone within moments of its client
+  leaving (RFC 9112 §9.3.2 lets a server close instead of answering pipelined requests).
+- SIGTERM ends the process with status 0 within 10 s whatever the clients do, on every path the service serves:
+  handed off, the generator (STREAM_HANDOFF=false) and HTTP/2 (h2c).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import (
+    LiveServer,
+    ServiceProcess,
+    auth,
+    free_port,
+    live_server,
+    make_settings,
+    metric_value,
+    token,
+)
+from tests.support_faults import StalledClient, until
+
+APP = "edge"
+SETTINGS = make_settings()
+
+
+@pytest.fixture(params=[True, False], ids=["handoff", "generator"])
+async def srv(request: pytest.FixtureRequest, settings_factory: Any) -> AsyncIterator[LiveServer]:
+    async with live_server(settings_factory(stream_handoff=request.param)) as s:
+        yield s
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    status = int((await asyncio.wait_for(reader.readline(), 5)).split()[1])
+    headers: dict[str, str] = {}
+    while (line := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b""):
+        k, _, v = line.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers
+
+
+async def _open_streams(srv: LiveServer) -> float:
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        return metric_value((await http.get("/metrics")).text, "sse_streams_open")
+
+
+async def test_head_answers_the_head_only_and_the_connection_goes_on(srv: LiveServer) -> None:
+    s = srv.services.settings
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(f"HEAD /sse HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n"
+                     f"Authorization: Bearer {token(s, 'hd', APP)}\r\n\r\n".encode())
+        status, headers = await _read_head(reader)
+        assert status == 200 and headers["content-type"] == "text/event-stream"
+        assert headers.get("connection") != "close"
+        assert not srv.services.hub.subscribers  # no stream
+        writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # the next request on the same connection
+        status, headers = await _read_head(reader)
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+        assert status == 200 and b'"ok"' in body
+        assert not srv.services.hub.subscribers and await _open_streams(srv) == 0
+        writer.write(b"HEAD /sse HTTP/1.1\r\nHost: t\r\n\r\n")  # no token: the same 401 a GET gets
+        status, headers = await _read_head(reader)
+        assert status == 401 and "bearer" in headers["www-authenticate"].lower()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("pipelined", [1, 3])
+async def test_a_request_pipelined_behind_a_stream_is_never_started(srv: LiveServer, pipelined: int) -> None:
+    s = srv.services.settings
+    loop_errors: list[dict[str, Any]] = []  # e.g. a connection task's cancellation reported as an error
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    tok = token(s, "pipe", APP)
+    req = f"GET /sse HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nAuthorization: Bearer {tok}\r\n\r\n"
+    conns = []
+    for _ in range(20):  # every one of 20 connections: no ghost is left behind
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(req.encode() + (b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" + req.encode()) * pipelined)
+        status, headers = await _read_head(reader)
+        assert status == 200 and headers.get("connection") == "close"
+        conns.append((reader, writer))
+    hub = srv.services.hub
+    await until(lambda: len(hub.subscribers) == 20)
+    assert sum(1 for x in hub.subscribers if x.user == "pipe") == 20  # one stream per connection, never two
+    for reader, writer in conns:
+        assert b"HTTP/1.1" not in await asyncio.wait_for(reader.read(4096), 5)  # no second answer
+        writer.close()
+    await until(lambda: not hub.subscribers, 3)  # within moments of the clients leaving
+    assert not await srv.services.registry.list_user(APP, "pipe") and await _open_streams(srv) == 0
+    await asyncio.sleep(0.3)  # nothing starts late either
+    assert not hub.subscribers
+    assert not loop_errors, loop_errors
+
+
+# ------------------------------------------------------------------------------------------------ shutdown
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Any:
+    procs: list[ServiceProcess] = []
+
+    async def start(**env: str) -> ServiceProcess:
+        proc = ServiceProcess(free_port(), {"GRACEFUL_TIMEOUT": "3", **env}, tmp_path / f"svc{len(procs)}.log")
+        procs.append(proc)
+        await proc.wait_ready()
+        return proc
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+async def _sigterm_exit(proc: ServiceProcess) -> tuple[int, float]:
+    t0 = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 15)
+    return code, time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("handoff", ["true", "false"])
+async def test_sigterm_exits_0_within_10_s_with_a_client_that_stopped_reading(service_factory: Any,
+                                                                               handoff: str) -> None:
+    proc: ServiceProcess = await service_factory(STREAM_HANDOFF=handoff)
+    pub = auth(token(SETTINGS, "backend", APP, "publish"))
+    stalled = StalledClient(proc.port, token(SETTINGS, "stuck", APP))
+    try:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=5) as http:
+            await until(lambda: _listed(http, "stuck"), 5)
+            for i in range(40):  # fill the client's window, the kernel's buffer and the transport's
+                r = await http.post(f"/publish/{APP}/stuck", json={"type": "t", "data": {"i": i, "pad": "x" * 8000}},
+                                    headers=pub)
+                assert r.status_code == 202
+        code, took = await _sigterm_exit(proc)
+    finally:
+        stalled.close()
+    log = proc.log()
+    assert code == 0 and took < 10, (code, took, log[-2000:])
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reading", [True, False], ids=["reading", "stalled"])
+async def test_sigterm_exits_0_within_10_s_over_h2c(service_factory: Any, reading: bool) -> None:
+    proc: ServiceProcess = await service_factory()
+    pub = auth(token(SETTINGS, "backend", APP, "publish"))
+    async with httpx.AsyncClient(base_url=proc.url, http1=False, http2=True, timeout=15) as c, \
+            c.stream("GET", "/sse", headers=auth(token(SETTINGS, "h2", APP))) as resp:
+        assert resp.http_version == "HTTP/2" and resp.status_code == 200
+        it = resp.aiter_text()
+        assert (await anext(it)).startswith("retry:")
+        if not reading:  # HTTP/2 flow control: the stream's window (64 KiB) fills, the server's writes wait
+            async with httpx.AsyncClient(base_url=proc.url, timeout=5) as http:
+                for i in range(30):
+                    r = await http.post(f"/publish/{APP}/h2", json={"type": "t", "data": {"i": i, "pad": "x" * 8000}},
+                                        headers=pub)
+                    assert r.status_code == 202
+        code, took = await _sigterm_exit(proc)
+        if reading:
+            text = ""
+            async for part in it:  # the stream's goodbye arrived before the end
+                text += part
+            assert ": closing shutdown" in text
+    log = proc.log()
+    assert code == 0 and took < 10, (code, took, log[-2000:])
+    assert "Traceback" not in log, log[-3000:]
+
+
+async def _listed(http: httpx.AsyncClient, user: str) -> bool:
+    r = await http.get(f"/connections/{APP}/{user}", headers=auth(token(SETTINGS, user, APP)))
+    return bool(r.json())
