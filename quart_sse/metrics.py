@@ -2,15 +2,44 @@
 
 With WORKERS > 1 the server sets PROMETHEUS_MULTIPROC_DIR before the workers import prometheus_client, so every
 worker writes its values to shared files and whichever worker answers /metrics reports the sum of all of them.
+
+Every label value of a labelled metric is an enum member below, and each has its sample, at 0, from start-up: a
+labelled series that does not exist yet is not 0 but missing, so a fresh instance's dashboards and `rate()` /
+`increase()` would show nothing (and miss the first increment) until it happened once.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+
+
+class PublishKind(StrEnum):
+    """`sse_publishes_total{kind}`: whom a publish through this instance was for."""
+
+    USER = "user"  # POST /publish/{app}/{user}
+    BROADCAST = "broadcast"  # POST /publish/{app}
+
+
+class StreamRefusal(StrEnum):
+    """`sse_streams_refused_total{reason}`: why a `GET /sse` with a valid token got no stream (each passes by
+    itself; a bad token, wrong app or missing scope is not counted here)."""
+
+    UNAVAILABLE = "unavailable"  # the broker (Redis) cannot be reached
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # MAX_CONNECTIONS_PER_USER reached
+    INSTANCE_FULL = "instance_full"  # MAX_CONNECTIONS reached on this process
+    SHUTTING_DOWN = "shutting_down"  # the instance is stopping
+
+
+def init_labels(metric: Counter | Gauge, values: Iterable[StrEnum]) -> None:
+    """A sample at 0 for each known label value (`labels()` without a change creates the child at 0)."""
+    for value in values:
+        metric.labels(value)
 
 
 class Metrics:
@@ -34,6 +63,8 @@ class Metrics:
         self.replays = Counter("sse_history_replays", "Streams resumed from history", registry=r)
         self.resets = Counter("sse_history_resets", "Streams told to reset: history could not cover the gap",
                               registry=r)
+        init_labels(self.streams_refused, StreamRefusal)
+        init_labels(self.publishes, PublishKind)
 
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
