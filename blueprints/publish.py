@@ -9,6 +9,7 @@ from quart_sse.broker.base import BrokerUnavailable
 from quart_sse.errors import ApiError, bad_request, unavailable
 from quart_sse.events import EventError
 from quart_sse.http import check_path_ids, identity, services
+from quart_sse.metrics import PublishKind
 from quart_sse.publisher import parse_body
 
 bp = Blueprint("publish", __name__)
@@ -41,5 +42,5 @@ async def _publish(app: str, user: str | None) -> tuple[Response, int]:
         raise bad_request(f"{exc.field}: {exc.message}") from None
     except BrokerUnavailable:
         raise unavailable("broker unavailable: nothing was published") from None
-    svc.metrics.publishes.labels("broadcast" if user is None else "user").inc()
+    svc.metrics.publishes.labels(PublishKind.BROADCAST if user is None else PublishKind.USER).inc()
     return jsonify({"id": msg.id}), 202

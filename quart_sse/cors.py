@@ -5,7 +5,15 @@ from __future__ import annotations
 from quart import Quart, Response, request
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+#: Request headers a cross-origin page may send (the preflight's answer). Besides the API's own (Authorization,
+#: Content-Type) these are what EventSource clients that are not the browser's own put on a stream request, each a
+#: non-safelisted header (Fetch §2.2.2) that makes the browser ask first:
+#: - Last-Event-ID: every client on reconnect (npm `eventsource`, Azure/fetch-event-source);
+#: - Cache-Control (`no-cache`) and Accept: the npm `eventsource` package up to v2 (its Node code, bundled for a
+#:   browser by browserify/webpack shims) and XHR-based polyfills (Accept is only safelisted for short values);
+#: - X-Requested-With: polyfills and the HTTP helpers (jQuery, Angular) that pages wrap them in.
+#: `*` would not do: it never covers Authorization, and it means nothing to a request with credentials.
+ALLOW_HEADERS = "Accept, Authorization, Cache-Control, Content-Type, Last-Event-ID, X-Requested-With"
 EXPOSE_HEADERS = "X-Connection-Id"
 
 

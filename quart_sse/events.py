@@ -49,6 +49,18 @@ def check_line(field: str, value: object, max_len: int, *, allow_empty: bool = F
     return value
 
 
+def optional_line(field: str, value: object, max_len: int) -> str | None:
+    """A raw message's `id` or `type`: missing (None), JSON null or "" mean none; anything else is `check_line`d.
+
+    The seed's publishers are Go programs marshalling a struct, so an unset field arrives as "" (and the seed
+    delivered such messages): none is the only reading that keeps our guarantees. No `type` is the SSE default
+    event type (`message`), no `id` leaves the client's Last-Event-ID alone.
+    """
+    if value is None or value == "":
+        return None
+    return check_line(field, value, max_len)
+
+
 def dump_data(data: Any) -> bytes:
     """Compact one-line JSON. orjson escapes CR/LF inside strings and refuses NaN-free-JSON violations."""
     try:
@@ -81,9 +93,16 @@ def format_position(pos: Position) -> str:
     return f"{pos[0]}-{pos[1]}"
 
 
-def encode_frame(event_id: str | None, event_type: str, data_json: bytes) -> bytes:
-    """The seed's wire format: `id:`, `event:`, one `data:` line, blank line."""
-    head = b"event: " + event_type.encode() + b"\ndata: "
+def encode_frame(event_id: str | None, event_type: str | None, data_json: bytes) -> bytes:
+    """The seed's wire format: `id:`, `event:`, one `data:` line, blank line.
+
+    `event_id=None`: no `id:` line, so the client's Last-Event-ID stays where it was (an `id:` line with an empty
+    value would reset it: WHATWG HTML §9.2.6). `event_type=None`: no `event:` line, the SSE default event type,
+    which an EventSource dispatches as `message` (its `onmessage`).
+    """
+    head = b"data: "
+    if event_type is not None:
+        head = b"event: " + event_type.encode() + b"\n" + head
     if event_id is not None:
         head = b"id: " + event_id.encode() + b"\n" + head
     return head + data_json + b"\n\n"
@@ -91,10 +110,13 @@ def encode_frame(event_id: str | None, event_type: str, data_json: bytes) -> byt
 
 @dataclass(slots=True, frozen=True)
 class Message:
-    """One event ready for fan-out. `pos` orders it in history (None: live only, e.g. a raw PUBLISH)."""
+    """One event ready for fan-out. `pos` orders it in history (None: live only, e.g. a raw PUBLISH).
+
+    `id` None: an event without an `id:` line; `type` None: the SSE default event type (no `event:` line).
+    """
 
     id: str | None
-    type: str
+    type: str | None
     data: bytes
     pos: Position | None
     frame: bytes
@@ -103,12 +125,15 @@ class Message:
     chunk: bytes
 
     @classmethod
-    def build(cls, event_id: str | None, event_type: str, data_json: bytes, pos: Position | None) -> Message:
+    def build(cls, event_id: str | None, event_type: str | None, data_json: bytes, pos: Position | None) -> Message:
         frame = encode_frame(event_id, event_type, data_json)
         return cls(event_id, event_type, data_json, pos, frame, b"%x\r\n%b\r\n" % (len(frame), frame))
 
     def to_payload(self) -> bytes:
-        """The seed's JSON payload, plus our `pos` so that live copies can be matched against history."""
+        """The seed's JSON payload, plus our `pos` so that live copies can be matched against history.
+
+        `decode_payload(m.to_payload()) == m` for every Message: a None id or type is written as JSON null.
+        """
         body: dict[str, Any] = {"id": self.id, "type": self.type, "data": orjson.Fragment(self.data)}
         if self.pos is not None:
             body["pos"] = format_position(self.pos)
@@ -129,11 +154,12 @@ def decode_payload(raw: bytes | str) -> Message:
         raise EventError("payload", f"unreadable: {type(exc).__name__}") from None
 
 
-def checked_message(event_id: str | None, event_type: str, data_json: bytes, pos: Position | None) -> Message:
-    """A Message from fields read back from Redis history (anyone with Redis access can XADD): re-checked."""
-    if event_id is not None:
-        check_line("id", event_id, MAX_ID_LEN)
-    check_line("type", event_type, MAX_TYPE_LEN)
+def checked_message(event_id: str | None, event_type: str | None, data_json: bytes,
+                    pos: Position | None) -> Message:
+    """A Message from fields read back from Redis history (anyone with Redis access can XADD): re-checked, with
+    the raw message's rules for the optional fields (an empty id or type is none, see `optional_line`)."""
+    event_id = optional_line("id", event_id, MAX_ID_LEN)
+    event_type = optional_line("type", event_type, MAX_TYPE_LEN)
     if len(data_json) > MAX_DATA_BYTES:
         raise EventError("data", "too large")
     try:
@@ -157,9 +183,8 @@ def _decode_payload(raw: bytes | str) -> Message:
     event_id = body.get("id")
     if isinstance(event_id, int) and not isinstance(event_id, bool):
         event_id = str(event_id)
-    if event_id is not None:
-        event_id = check_line("id", event_id, MAX_ID_LEN)
-    event_type = check_line("type", body.get("type"), MAX_TYPE_LEN)
+    event_id = optional_line("id", event_id, MAX_ID_LEN)
+    event_type = optional_line("type", body.get("type"), MAX_TYPE_LEN)
     data = dump_data(body.get("data"))
     pos = None
     raw_pos = body.get("pos")

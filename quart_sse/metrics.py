@@ -2,15 +2,37 @@
 
 With WORKERS > 1 the server sets PROMETHEUS_MULTIPROC_DIR before the workers import prometheus_client, so every
 worker writes its values to shared files and whichever worker answers /metrics reports the sum of all of them.
+
+Every label value of a labelled metric is an enum member below, and each has its sample, at 0, from start-up: a
+labelled series that does not exist yet is not 0 but missing, so a fresh instance's dashboards and `rate()` /
+`increase()` would show nothing (and miss the first increment) until it happened once.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from enum import Enum, StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from .adapter import StreamPath
+from .stream import RefusalReason
+
+
+class PublishKind(StrEnum):
+    """`sse_publishes_total{kind}`: whom a publish through this instance was for."""
+
+    USER = "user"  # POST /publish/{app}/{user}
+    BROADCAST = "broadcast"  # POST /publish/{app}
+
+
+def init_labels(metric: Counter | Gauge, values: Iterable[Enum]) -> None:
+    """A sample at 0 for each known label value (`labels()` without a change creates the child at 0)."""
+    for value in values:
+        metric.labels(value.value)
 
 
 class Metrics:
@@ -40,6 +62,9 @@ class Metrics:
         self.replays = Counter("sse_history_replays", "Streams resumed from history", registry=r)
         self.resets = Counter("sse_history_resets", "Streams told to reset: history could not cover the gap",
                               registry=r)
+        init_labels(self.streams_refused, RefusalReason)
+        init_labels(self.stream_path, StreamPath)
+        init_labels(self.publishes, PublishKind)
 
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

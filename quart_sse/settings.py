@@ -44,7 +44,8 @@ class Settings(BaseSettings):
         "HS256", description="The one algorithm tokens may use; RS*/ES* verify with JWT_PUBLIC_KEY.")
     jwt_public_key: str | None = Field(None, description="PEM public key, required for RS*/ES* algorithms.")
     jwt_leeway: int = Field(
-        0, ge=0, le=300, description="Seconds of clock skew allowed on exp/nbf/iat; a stream ends at exp plus this.")
+        0, ge=0, le=300,
+        description="Seconds of clock skew allowed on exp/nbf (iat is informational); a stream ends at exp plus this.")
     jwt_audience: str | None = Field(None, description="When set, tokens must carry this aud claim.")
     jwt_issuers: str = Field("", description="Comma-separated allow-list of iss (application ids); empty: any.")
     jwt_cookie_name: str = Field(

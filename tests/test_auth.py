@@ -169,7 +169,6 @@ def bad_tokens() -> dict[str, dict[str, Any]]:
         "exp not a number": {"headers": bearer(sign({**claims(), "exp": "soon"}))},
         "exp too far": {"headers": bearer(sign({**claims(), "exp": 10**20}))},
         "nbf in future": {"headers": bearer(sign(claims(nbf=now + 600)))},
-        "iat in future": {"headers": bearer(sign(claims(iat=now + 600)))},
         "Authorization: ,": {"headers": {"Authorization": ","}},
         "Basic": {"headers": {"Authorization": "Basic x"}},
         "Bearer alone": {"headers": {"Authorization": "Bearer"}},
@@ -245,6 +244,43 @@ async def test_leeway_honoured() -> None:
         assert (await c.get(PROBE, headers=bearer(just_expired))).status_code == 200
         assert (await c.get(PROBE, headers=bearer(not_yet))).status_code == 200
         await assert_401(await c.get(PROBE, headers=bearer(long_expired)))
+
+
+@pytest.mark.parametrize("leeway", [0, 30])
+@pytest.mark.parametrize("ahead", [1, 3600])
+async def test_iat_in_the_future_never_refuses(leeway: int, ahead: int) -> None:
+    """`iat` is informational (RFC 7519 §4.1.6; CONTRACT §3): an issuer whose clock runs ahead, or Postman's
+    rounded `{{$timestamp}}`, is not refused, with or without leeway, alone or with a past `nbf`."""
+    now = int(time.time())
+    async with client_for(make_settings(jwt_leeway=leeway)) as c:
+        for extra in ({"iat": now + ahead}, {"iat": now + ahead, "nbf": now - 5}, {"iat": now + ahead + 0.5}):
+            r = await c.get(PROBE, headers=bearer(sign(claims(**extra))))
+            assert r.status_code == 200, (extra, await r.get_json())
+
+
+@pytest.mark.parametrize("iat", ["soon", None, [1], 10**30, -1])
+async def test_iat_of_any_shape_is_informational(iat: Any) -> None:
+    """Whatever `iat` holds, it is not a reason to refuse (nothing here reads it)."""
+    payload = {**claims(), "iat": iat}
+    async with client_for(make_settings()) as c:
+        assert (await c.get(PROBE, headers=bearer(sign(payload)))).status_code == 200
+
+
+@pytest.mark.parametrize("leeway", [0, 30])
+async def test_nbf_and_exp_still_honoured_when_iat_is_ahead(leeway: int) -> None:
+    """A future `iat` does not relax anything else: `nbf` ahead and `exp` past refuse, within JWT_LEEWAY only."""
+    now = int(time.time())
+    inside = 200 if leeway else 401
+    cases = [  # (claims, expected status)
+        (claims(iat=now + 3600, nbf=now + 10), inside),              # not yet valid, inside a 30 s leeway
+        (claims(iat=now + 3600, nbf=now + 120), 401),                 # not yet valid, outside any leeway
+        ({**claims(iat=now + 1), "exp": now - 10}, inside),           # just expired
+        ({**claims(iat=now + 1), "exp": now - 120}, 401),             # long expired
+        (claims(iat=now + 5, nbf=now + 5), inside),                   # both a few seconds ahead: nbf decides
+    ]
+    async with client_for(make_settings(jwt_leeway=leeway)) as c:
+        got = [(await c.get(PROBE, headers=bearer(sign(payload)))).status_code for payload, _ in cases]
+    assert got == [want for _, want in cases]
 
 
 async def test_issuer_allow_list() -> None:

@@ -66,8 +66,16 @@ def test_encode_frame_without_id_has_no_id_line() -> None:
 
 
 def test_encode_frame_empty_string_id_is_still_written() -> None:
-    """An empty `id:` resets the browser's Last-Event-ID; only None omits the line."""
+    """An empty `id:` resets the browser's Last-Event-ID; only None omits the line (decode_payload turns an empty
+    id into None before it gets here)."""
     assert encode_frame("", "t", b"1") == b"id: \nevent: t\ndata: 1\n\n"
+
+
+def test_encode_frame_default_type_has_no_event_line() -> None:
+    """The SSE default event type: no `event:` line, so an EventSource fires `message` (WHATWG HTML §9.2.6)."""
+    assert encode_frame("p3", None, b'{"k":"v"}') == b'id: p3\ndata: {"k":"v"}\n\n'
+    assert encode_frame(None, None, b"1") == b"data: 1\n\n"
+    assert parse_sse(encode_frame("p3", None, b"1")) == [{"id": "p3", "data": "1"}]
 
 
 def test_encode_frame_utf8() -> None:
@@ -83,6 +91,19 @@ def test_message_build_and_payload_round_trip() -> None:
     live_only = Message.build(None, "t", b"null", None)
     assert json.loads(live_only.to_payload()) == {"id": None, "type": "t", "data": None}
     assert decode_payload(live_only.to_payload()) == live_only
+
+
+@pytest.mark.parametrize("event_id", [None, "e1"])
+@pytest.mark.parametrize("pos", [None, (5, 7)])
+def test_default_type_message_round_trips(event_id: str | None, pos: tuple[int, int] | None) -> None:
+    """A message of the default type survives every re-encoding: to_payload/decode_payload (the pub/sub copy) and
+    checked_message (history read back from Redis, where a missing type is stored as "")."""
+    msg = Message.build(event_id, None, b'{"k":"v"}', pos)
+    assert b"event:" not in msg.frame
+    assert json.loads(msg.to_payload())["type"] is None
+    assert decode_payload(msg.to_payload()) == msg
+    assert checked_message(event_id, "", b'{"k":"v"}', pos) == msg
+    assert checked_message(event_id, None, b'{"k":"v"}', pos) == msg
 
 
 # ------------------------------------------------------------------------------------------------ dump_data
@@ -192,6 +213,33 @@ def test_decode_payload_missing_data_is_null() -> None:
     assert decode_payload(b'{"type": "t"}').data == b"null"
 
 
+# The seed's Go publishers marshal a struct: an unset field arrives as "" (or is left out by `omitempty`), and the
+# seed delivered such messages (issue 13, item 2).
+SEED_SHAPES: list[tuple[bytes, bytes]] = [
+    (b'{"id":"p3","data":{"k":"v"}}', b'id: p3\ndata: {"k":"v"}\n\n'),                    # no type
+    (b'{"id":"p3","type":"","data":{"k":"v"}}', b'id: p3\ndata: {"k":"v"}\n\n'),          # empty type
+    (b'{"id":"p3","type":null,"data":{"k":"v"}}', b'id: p3\ndata: {"k":"v"}\n\n'),        # null type
+    (b'{"id":"","type":"event","data":{"k":"v"}}', b'event: event\ndata: {"k":"v"}\n\n'),  # empty id
+    (b'{"id":null,"type":"event","data":{"k":"v"}}', b'event: event\ndata: {"k":"v"}\n\n'),
+    (b'{"id":"","type":"","data":{"k":"v"}}', b'data: {"k":"v"}\n\n'),                     # the zero struct
+    (b'{"id":"","type":"","data":null}', b"data: null\n\n"),
+    (b"{}", b"data: null\n\n"),
+    (b'{"id":7,"data":[]}', b"id: 7\ndata: []\n\n"),
+]
+
+
+@pytest.mark.parametrize(("raw", "frame"), SEED_SHAPES, ids=lambda v: v.decode()[:40])
+def test_decode_payload_seed_shapes_are_delivered(raw: bytes, frame: bytes) -> None:
+    """Missing, null or empty `type`: the SSE default event type (no `event:` line, EventSource fires `message`);
+    missing, null or empty `id`: no `id:` line, so the client's Last-Event-ID does not move."""
+    msg = decode_payload(raw)
+    assert msg.frame == frame
+    assert msg.type is None or msg.type == "event"
+    assert msg.id is None or msg.id in ("p3", "7")
+    [ev] = parse_sse(msg.frame)
+    assert ("event" in ev) == (msg.type is not None) and ("id" in ev) == (msg.id is not None)
+
+
 def test_decode_payload_reformats_multiline_json() -> None:
     msg = decode_payload(b'{\n  "type": "t",\n  "data": {\n    "a": "x\\ny"\n  }\n}')
     assert msg.frame == b'event: t\ndata: {"a":"x\\ny"}\n\n'
@@ -210,7 +258,8 @@ def _nested(depth: int) -> bytes:
 BAD_PAYLOADS: list[bytes | str] = [
     b"", b"not json", b"{", b'{"type": "t",}', b"\xff\xfe", b"\x00",
     b"[]", b'"a string"', b"42", b"null", b"true", b'[{"type": "t"}]',
-    b"{}", b'{"id": "1", "data": {}}', b'{"type": null}', b'{"type": 1}', b'{"type": ["t"]}', b'{"type": ""}',
+    b'{"type": 1}', b'{"type": ["t"]}', b'{"type": true}', b'{"type": {}}', b'{"type": " \\n"}',
+    b'{"id": {}, "type": "t"}', b'{"id": "", "type": "\\r"}', b'{"id": "\\n", "type": ""}',
     b'{"type": "a\\nb"}', b'{"type": "a\\rb"}', b'{"type": "a\\u0000b"}',
     b'{"id": "a\\r\\nb", "type": "t"}', b'{"id": "a\\nid: 2", "type": "t"}', b'{"id": true, "type": "t"}',
     b'{"id": 1.5, "type": "t"}', b'{"id": ["1"], "type": "t"}',
@@ -249,9 +298,12 @@ def test_decode_payload_any_input_event_error_or_message(raw: bytes | str) -> No
 
 def test_checked_message_reformats_history_data_and_rechecks_fields() -> None:
     assert checked_message("1", "t", b'{\n"a": 1\n}', (1, 0)).frame == b'id: 1\nevent: t\ndata: {"a":1}\n\n'
-    for args in [("a\nb", "t", b"1"), (None, "t\r", b"1"), (None, "t", b"not json"), (None, "t", b"1" * 70_000)]:
+    for args in [("a\nb", "t", b"1"), (None, "t\r", b"1"), (None, "t", b"not json"), (None, "t", b"1" * 70_000),
+                 ("", "\x00", b"1"), ("\r", "", b"1")]:
         with pytest.raises(EventError):
             checked_message(args[0], args[1], args[2], None)
+    # an entry XADDed with an empty id or type: the raw message's rules, not a dropped entry
+    assert checked_message("", "", b"1", (1, 0)).frame == b"data: 1\n\n"
 
 
 # ------------------------------------------------------------------------------------------------ positions
@@ -321,7 +373,7 @@ hostile_text = st.text(st.characters(exclude_categories=()), max_size=40) | st.s
     ["\r", "\n", "\r\n", "\x00", "a\rb", "\u2028", "\u0085", "\ud800", "id: 1", "data: x", ":", " ", "\ufeff"])
 
 
-def _encode(event_id: str | None, event_type: str, data: Any) -> bytes:
+def _encode(event_id: str | None, event_type: str | None, data: Any) -> bytes:
     """What every publish path does before the wire: check both lines, dump the data, frame."""
     if event_id is not None:
         check_line("id", event_id, MAX_ID_LEN)
@@ -329,15 +381,15 @@ def _encode(event_id: str | None, event_type: str, data: Any) -> bytes:
     return encode_frame(event_id, event_type, dump_data(data))
 
 
-def _assert_frame_round_trips(frame: bytes, event_id: str | None, event_type: str, data: Any) -> None:
+def _assert_frame_round_trips(frame: bytes, event_id: str | None, event_type: str | None, data: Any) -> None:
     assert frame.endswith(b"\n\n")
     lines = frame[:-2].split(b"\n")
-    assert len(lines) == (3 if event_id is not None else 2)
+    assert len(lines) == 1 + (event_id is not None) + (event_type is not None)
     for line in lines:
         assert b"\r" not in line and b"\x00" not in line
     [ev] = parse_sse(frame)
     assert ev.get("id") == event_id
-    assert ev["event"] == event_type
+    assert ev.get("event") == event_type
     assert orjson.loads(ev["data"]) == data
 
 
@@ -351,9 +403,9 @@ def test_any_id_and_type_encode_safely_or_raise(event_id: str | None, event_type
     _assert_frame_round_trips(frame, event_id, event_type, data)
 
 
-@given(st.none() | hostile_text | st.integers(), hostile_text, json_values)
+@given(st.none() | st.just("") | hostile_text | st.integers(), st.none() | st.just("") | hostile_text, json_values)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_any_payload_decodes_safely_or_raises(event_id: Any, event_type: str, data: Any) -> None:
+def test_any_payload_decodes_safely_or_raises(event_id: Any, event_type: str | None, data: Any) -> None:
     """The same through decode_payload, with the payload as a raw PUBLISH would carry it (ASCII-escaped JSON)."""
     raw = json.dumps({"id": event_id, "type": event_type, "data": data})
     try:
@@ -361,4 +413,5 @@ def test_any_payload_decodes_safely_or_raises(event_id: Any, event_type: str, da
     except EventError:
         return
     expected_id = str(event_id) if isinstance(event_id, int) else event_id
-    _assert_frame_round_trips(msg.frame, expected_id, event_type, data)
+    _assert_frame_round_trips(msg.frame, expected_id or None, event_type or None, data)
+    assert decode_payload(msg.to_payload()) == msg
