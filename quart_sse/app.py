@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     errors.register(app)
     cors.init_app(app, settings.cors_origin_list)
 
+    from blueprints.client import bp as client_bp
     from blueprints.connections import bp as connections_bp
     from blueprints.demo import bp as demo_bp
     from blueprints.health import bp as health_bp
@@ -38,7 +39,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     from blueprints.publish import bp as publish_bp
     from blueprints.stream import bp as stream_bp
 
-    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp):
+    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp,
+               client_bp):
         app.register_blueprint(bp)
 
     @app.before_serving

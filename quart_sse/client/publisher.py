@@ -1,0 +1,130 @@
+"""Publish over HTTP (`POST /publish/{app}/{user}`, `POST /publish/{app}`): for Flask views, Celery tasks, scripts.
+
+Needs only httpx and a token with the `publish` scope (`python -m quart_sse token --sub backend --iss APP --scope
+publish`); no Redis, no asyncio for the sync `Publisher`. One publisher per process is enough: its connection pool
+is shared by every thread (httpx.Client is thread-safe) and keeps connections to the service open.
+
+Each call returns the event's id (the one you gave, or the one the service assigned). An error answer raises
+ServiceError with the service's JSON error; a transport failure raises httpx.TransportError (e.g. ConnectError,
+TimeoutException). Nothing is retried here: a publish without an `id` sent twice is two events, so retry only
+with an `id` of your own (ServiceError.retryable says when a retry can help).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from .errors import ServiceError
+
+#: Application and user ids the service accepts (README, "Routes").
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._@|+-]{1,128}$")
+DEFAULT_TIMEOUT = 10.0
+
+TokenSource = str | Callable[[], str]
+
+
+def _segment(name: str, value: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise ValueError(f"{name}: not a valid id (allowed: {ID_PATTERN.pattern})")
+    # '.' and '..' are valid ids but a URL would drop them as dot segments (RFC 3986 §5.2.4)
+    return quote(value, safe="") if value.strip(".") else value.replace(".", "%2E")
+
+
+def publish_path(app: str, user: str | None) -> str:
+    """`/publish/{app}/{user}`, or `/publish/{app}` for a broadcast (user None); ValueError on an invalid id."""
+    path = "/publish/" + _segment("app", app)
+    return path + "/" + _segment("user", user) if user is not None else path
+
+
+def publish_body(type: str, data: Any, id: str | None) -> dict[str, Any]:
+    """`{"type", "data", "id"?}`; the service checks the rest (400 naming the field)."""
+    body: dict[str, Any] = {"type": type, "data": data}
+    if id is not None:
+        body["id"] = id
+    return body
+
+
+def published_id(resp: httpx.Response) -> str:
+    """The id of a 202 answer; ServiceError for anything else."""
+    if resp.status_code != 202:
+        raise ServiceError.from_response(resp)
+    return str(resp.json()["id"])
+
+
+def _auth(token: TokenSource) -> dict[str, str]:
+    value = token() if callable(token) else token
+    return {"Authorization": f"Bearer {value}"}
+
+
+class Publisher:
+    """Synchronous publisher: `Publisher(base_url, token)`; use it as a context manager or call `close()`.
+
+    `token` is the token string, or a callable returning the current one (called per request, for rotation).
+    `client`: an httpx.Client of your own (its base_url is not used; you close it).
+    """
+
+    def __init__(self, base_url: str, token: TokenSource, *, timeout: float = DEFAULT_TIMEOUT,
+                 client: httpx.Client | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._own = client is None
+        self._client = client or httpx.Client(timeout=timeout)
+
+    def publish(self, app: str, user: str, type: str, data: Any, id: str | None = None) -> str:
+        """Publish to every stream of `user` in `app`; returns the event id."""
+        return self._post(publish_path(app, user), publish_body(type, data, id))
+
+    def broadcast(self, app: str, type: str, data: Any, id: str | None = None) -> str:
+        """Publish to every stream of `app`; returns the event id."""
+        return self._post(publish_path(app, None), publish_body(type, data, id))
+
+    def _post(self, path: str, body: dict[str, Any]) -> str:
+        return published_id(self._client.post(self.base_url + path, json=body, headers=_auth(self._token)))
+
+    def close(self) -> None:
+        if self._own:
+            self._client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncPublisher:
+    """The same over httpx.AsyncClient: `await pub.publish(...)`; `async with` or `await aclose()`."""
+
+    def __init__(self, base_url: str, token: TokenSource, *, timeout: float = DEFAULT_TIMEOUT,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._own = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout)
+
+    async def publish(self, app: str, user: str, type: str, data: Any, id: str | None = None) -> str:
+        """Publish to every stream of `user` in `app`; returns the event id."""
+        return await self._post(publish_path(app, user), publish_body(type, data, id))
+
+    async def broadcast(self, app: str, type: str, data: Any, id: str | None = None) -> str:
+        """Publish to every stream of `app`; returns the event id."""
+        return await self._post(publish_path(app, None), publish_body(type, data, id))
+
+    async def _post(self, path: str, body: dict[str, Any]) -> str:
+        resp = await self._client.post(self.base_url + path, json=body, headers=_auth(self._token))
+        return published_id(resp)
+
+    async def aclose(self) -> None:
+        if self._own:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncPublisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
