@@ -40,6 +40,12 @@ def test_one_version_everywhere() -> None:
     assert not package.get("dependencies"), "the browser client has no runtime dependency"
 
 
+def test_docs_name_the_current_versioned_url() -> None:
+    for doc in (ROOT / "README.md", ROOT / "docs" / "clients.md", PACKAGE / "README.md"):
+        named = set(re.findall(r"client\.js\?v=([0-9][^'\s)`\"]*)", doc.read_text()))
+        assert named == {__version__}, f"{doc} names /client.js?v={named}, the version is {__version__}"
+
+
 def test_declarations_cover_every_export() -> None:
     js = (PACKAGE / "index.js").read_text()
     dts = (PACKAGE / "index.d.ts").read_text()

@@ -149,7 +149,7 @@ def test_401_gets_one_fresh_credential_then_stops_and_403_stops_at_once() -> Non
     assert r.after_status(401) == Retry(0, None)
     r.opened(300)  # the fresh credential worked: a later 401 gets its own fresh credential
     assert r.after_status(401) == Retry(0, None)
-    for status in (400, 403, 404):
+    for status in (204, 400, 403, 404):
         assert Reconnect().after_status(status) == Stop()
     assert isinstance(Reconnect().after_status(502), Retry)
 

@@ -31,8 +31,9 @@ export const VERSION = '0.1.0';
 /** Events remembered per tab to drop an event delivered twice around a leader change. */
 const RECENT_IDS = 1024;
 const DEFAULTS = Object.freeze({ retryMs: 3000, maxRetryMs: 30000, idleTimeoutMs: 90000 });
-/** Statuses that end a stream for good: the credentials or the URL are wrong, retrying cannot help. */
-const FATAL_STATUSES = new Set([400, 403, 404, 405, 410, 414, 431]);
+/** Statuses that end a stream for good: the credentials or the URL are wrong, retrying cannot help; 204 is how
+ * a server tells an event stream client to stop (WHATWG HTML §9.2.3). */
+const FATAL_STATUSES = new Set([204, 400, 403, 404, 405, 410, 414, 431]);
 
 // ------------------------------------------------------------------------------------------------ the wire format
 /**

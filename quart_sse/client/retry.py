@@ -10,8 +10,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-#: Answers that cannot pass by themselves: retrying cannot help, the credentials or the URL are wrong.
-FATAL_STATUSES = frozenset({400, 403, 404, 405, 410, 414, 431})
+#: Answers that cannot pass by themselves: retrying cannot help, the credentials or the URL are wrong; 204 is how
+#: a server tells an event stream client to stop (WHATWG HTML, "Server-sent events", §9.2.3).
+FATAL_STATUSES = frozenset({204, 400, 403, 404, 405, 410, 414, 431})
 
 
 class CloseReason(enum.Enum):
