@@ -3,12 +3,15 @@ docs/clients.md as a decision table, the backoff, the errors, and the publish re
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quart_sse.client import ServiceError
+from quart_sse.client import BatchEvent, BatchResult, Publisher, ServiceError
 from quart_sse.client.publisher import publish_body, publish_path
 from quart_sse.client.retry import (
     CloseReason,
@@ -181,3 +184,48 @@ def test_publish_request() -> None:
     for bad in ("", "a/b", "a b", "é", "x" * 129):
         with pytest.raises(ValueError, match="user: not a valid id"):
             publish_path("shop", bad)
+
+
+def test_batch_uses_the_batch_route_when_the_service_has_it() -> None:
+    """The request and answer shapes of `POST /publish/{app}` with an array (issue 16's batch route)."""
+    seen: list[tuple[str, Any]] = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, json.loads(request.content)))
+        return httpx.Response(202, json={"ids": ["a-1", "b-2"], "duplicates": [1]})
+
+    with Publisher("http://svc", "tok", client=httpx.Client(transport=httpx.MockTransport(service))) as pub:
+        got = pub.publish_batch("shop", [BatchEvent("note", {"n": 1}, user="alice", id="a-1"),
+                                         BatchEvent("news", None)])
+    assert got == BatchResult(["a-1", "b-2"], [1], True)
+    assert seen == [("/publish/shop", [{"type": "note", "data": {"n": 1}, "id": "a-1", "user": "alice"},
+                                       {"type": "news", "data": None}])]
+
+
+def test_batch_falls_back_to_one_request_per_event_on_an_older_service() -> None:
+    seen: list[str] = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(request.url.path)
+        if isinstance(body, list):  # what a service without the batch route answers
+            return httpx.Response(400, json={"error": "bad_request", "message": "body: must be a JSON object"})
+        return httpx.Response(202, json={"id": body.get("id") or f"gen-{len(seen)}"})
+
+    with Publisher("http://svc", "tok", client=httpx.Client(transport=httpx.MockTransport(service))) as pub:
+        got = pub.publish_batch("shop", [BatchEvent("note", 1, user="alice"), BatchEvent("news", 2, id="n")])
+        with pytest.raises(ValueError, match="at least one event"):
+            pub.publish_batch("shop", [])
+        with pytest.raises(ValueError, match="user: not a valid id"):
+            pub.publish_batch("shop", [BatchEvent("note", 1, user="not valid")])
+    assert got == BatchResult(["gen-2", "n"], [], False)
+    assert seen == ["/publish/shop", "/publish/shop/alice", "/publish/shop"]
+
+
+def test_batch_refused_as_a_whole_raises() -> None:
+    def service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": "bad_request", "message": "events[1].type: must not be empty"})
+
+    with Publisher("http://svc", "tok", client=httpx.Client(transport=httpx.MockTransport(service))) as pub, \
+            pytest.raises(ServiceError, match=r"events\[1\]\.type"):
+        pub.publish_batch("shop", [BatchEvent("a"), BatchEvent("")])

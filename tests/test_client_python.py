@@ -16,6 +16,7 @@ import pytest
 
 from quart_sse.client import (
     AsyncPublisher,
+    BatchEvent,
     Event,
     NoCredentials,
     Publisher,
@@ -306,3 +307,27 @@ def test_httpx_is_all_it_needs() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
     assert httpx  # the one dependency
+
+
+async def test_publish_batch_reaches_the_streams_in_order() -> None:
+    """On a service with the batch route: one request; without it: one request per event. Either way every event
+    reaches its streams, in the batch's order."""
+    settings = make_settings()
+    async with live_server(settings) as srv:
+        alice = await open_stream(srv.port, headers=auth(token(settings, USER, APP)))
+        bob = await open_stream(srv.port, headers=auth(token(settings, "bob", APP)))
+        try:
+            async with AsyncPublisher(srv.url, token(settings, "backend", APP, "publish")) as apub:
+                result = await apub.publish_batch(APP, [
+                    BatchEvent("note", {"n": 0}, user=USER), BatchEvent("news", {"n": 1}),
+                    BatchEvent("note", {"n": 2}, user="bob", id="to-bob")])
+            to_alice = [await alice.next_event() for _ in range(2)]
+            to_bob = [await bob.next_event() for _ in range(2)]
+        finally:
+            await alice.close()
+            await bob.close()
+    assert result.ids[2] == "to-bob" and result.duplicates == []
+    assert [(e.event, e.id, e.json()) for e in to_alice if e] == [("note", result.ids[0], {"n": 0}),
+                                                                  ("news", result.ids[1], {"n": 1})]
+    assert [(e.event, e.id, e.json()) for e in to_bob if e] == [("news", result.ids[1], {"n": 1}),
+                                                                ("note", "to-bob", {"n": 2})]
