@@ -1,8 +1,10 @@
-"""`GET /demo`: a self-contained browser page; `POST /demo/token` (debug mode only) mints tokens for it.
+"""`GET /demo`: a browser page; `POST /demo/token` (debug mode only) mints tokens for it.
 
-The page carries its CSS and JS inline, and the Content-Security-Policy pins them by hash: no other script or
-style can run on it, and it may only talk to this origin. `Referrer-Policy: no-referrer` keeps a `?token=` in
-its URL from leaking to anything it links to.
+The page carries its CSS and its own script inline, and imports the browser client as a same-origin module
+(`/client.js?v=<version>`, blueprints/client.py). The Content-Security-Policy pins the inline script and style by
+hash and allows scripts from this origin only ('self': modules must be served as JavaScript, and every other
+route answers JSON, text or an event stream, which a browser refuses to run as a module); it may only talk to this
+origin. `Referrer-Policy: no-referrer` keeps a `?token=` in its URL from leaking to anything it links to.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from quart import Blueprint, Response, jsonify, request
 from quart.blueprints import BlueprintSetupState
 
+from blueprints.client import versioned_url
 from quart_sse.auth import SCOPE_PUBLISH, mint
 from quart_sse.errors import bad_request
 from quart_sse.http import services
@@ -32,14 +35,14 @@ DEMO_TOKEN_MAX_TTL = 3600
 @lru_cache(maxsize=4)
 def _page(mtime_ns: int) -> tuple[bytes, str]:
     """The page and its CSP (sha256 of every inline <script> and <style>), recomputed when the file changes."""
-    html = PAGE.read_bytes()
+    html = PAGE.read_bytes().replace(b"__CLIENT_URL__", versioned_url().encode())
 
     def hashes(tag: bytes) -> str:
         bodies = re.findall(rb"<" + tag + rb"[^>]*>(.*?)</" + tag + rb">", html, flags=re.S)
         found = [f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'" for b in bodies]
         return " ".join(found) or "'none'"
 
-    csp = (f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; "
+    csp = (f"default-src 'none'; script-src 'self' {hashes(b'script')}; style-src {hashes(b'style')}; "
            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     return html, csp
 

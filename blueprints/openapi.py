@@ -163,6 +163,17 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "/demo": {"get": {"summary": "Browser demo page (self-contained)", "operationId": "demo", "security": [],
                           "responses": {"200": {"description": "HTML.",
                                                 "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/client.js": {"get": {
+            "summary": "The browser client (ES module, clients/js in the repository)", "operationId": "clientJs",
+            "security": [],
+            "parameters": [{"name": "v", "in": "query", "required": False, "schema": {"type": "string"},
+                            "description": "The service's version: the answer is then cached for a year "
+                                           "(`immutable`); without it (or another value) `no-cache` with an ETag."}],
+            "responses": {"200": {"description": "JavaScript.",
+                                  "headers": {"ETag": {"schema": {"type": "string"}},
+                                              "X-Client-Version": {"schema": {"type": "string"}}},
+                                  "content": {"text/javascript": {"schema": {"type": "string"}}}},
+                          "304": {"description": "Not modified (If-None-Match matched the ETag)."}}}},
         "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "security": [],
                                   "responses": {"200": {"description": "OpenAPI 3.1.",
                                                         "content": {JSON: {"schema": {"type": "object"}}}}}}},

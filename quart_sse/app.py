@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, adapter: ServerAdapter | None =
     errors.register(app)
     cors.init_app(app, settings.cors_origin_list)
 
+    from blueprints.client import bp as client_bp
     from blueprints.connections import bp as connections_bp
     from blueprints.demo import bp as demo_bp
     from blueprints.health import bp as health_bp
@@ -40,7 +41,8 @@ def create_app(settings: Settings | None = None, adapter: ServerAdapter | None =
     from blueprints.publish import bp as publish_bp
     from blueprints.stream import bp as stream_bp
 
-    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp):
+    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp,
+               client_bp):
         app.register_blueprint(bp)
 
     @app.before_serving

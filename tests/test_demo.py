@@ -11,6 +11,7 @@ import time
 import pytest
 from quart import Quart
 
+from quart_sse import __version__
 from quart_sse.app import create_app
 from quart_sse.auth import verify
 from quart_sse.settings import Settings
@@ -31,8 +32,10 @@ async def test_page_is_self_contained_and_pinned_by_its_csp() -> None:
     csp = dict(d.strip().split(" ", 1) for d in r.headers["Content-Security-Policy"].split(";"))
     scripts = re.findall(rb"<script([^>]*)>(.*?)</script>", html, flags=re.S)
     styles = re.findall(rb"<style[^>]*>(.*?)</style>", html, flags=re.S)
-    assert len(scripts) == 1 and scripts[0][0] == b"" and len(styles) == 1  # one inline script, no src=
-    assert csp["script-src"] == csp_hash(scripts[0][1]) and csp["style-src"] == csp_hash(styles[0])
+    # one inline module script, no src=; the browser client is its one import, same-origin and versioned
+    assert len(scripts) == 1 and scripts[0][0] == b' type="module"' and len(styles) == 1
+    assert re.findall(rb"\bimport\b[^;]*?from\s+'([^']+)'", scripts[0][1]) == [f"/client.js?v={__version__}".encode()]
+    assert csp["script-src"] == "'self' " + csp_hash(scripts[0][1]) and csp["style-src"] == csp_hash(styles[0])
     assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'"
     assert r.headers["Referrer-Policy"] == "no-referrer"  # a ?token= in the URL must not leak
     # no external scripts, styles, fonts or images: every URL it names is relative or a data: URL
@@ -43,7 +46,8 @@ async def test_page_is_self_contained_and_pinned_by_its_csp() -> None:
     assert b"textContent" in script
     for sink in (b"innerHTML", b"outerHTML", b"insertAdjacentHTML", b"document.write", b"eval("):
         assert sink not in script, f"the page must not turn event data into markup ({sink!r})"
-    assert b"new EventSource(" in script and b"Notification.requestPermission" in script
+    assert b"connect({" in script and b"getTicket" in script and b"Notification.requestPermission" in script
+    assert b"EventSource" not in script  # the client replaces it (docs/clients.md says why)
 
 
 async def _post_token(app: Quart, body: object) -> tuple[int, dict[str, object]]:

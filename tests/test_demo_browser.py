@@ -8,67 +8,23 @@ Chromium is a test dependency like redis-server: missing, these tests fail sayin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from playwright.async_api import Page, expect
 
 from quart_sse.publisher import connect
 from tests.support import RedisServer, ServiceProcess, auth, free_port, live_server, make_settings, token
-
-try:
-    from playwright.async_api import BrowserContext, Page, expect
-    from playwright.async_api import async_playwright as _async_playwright
-except ImportError:  # pragma: no cover - reported by the fixture below as a failure, not a skip
-    _async_playwright = None  # type: ignore[assignment]
+from tests.support_browser import browser, watch_errors
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 APP, USER = "demo-app", "alice"
 #: Time for a reconnect after a restart: the shutdown's `retry:` carries up to 10 s of jitter by design.
 RESUME_MS = 25_000
-
-
-def _chromium() -> str:
-    """Debian's Chromium (or CHROMIUM_PATH); Playwright's own browser download is not available here."""
-    for candidate in (os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail("Chromium not found: install it (Debian/Ubuntu: apt-get install -y chromium) or set CHROMIUM_PATH; "
-                ".ci/run installs it", pytrace=False)
-
-
-@contextlib.asynccontextmanager
-async def browser(tmp_path: Path) -> AsyncIterator[BrowserContext]:
-    """A fresh profile in headless Chromium, with the flags this machine's closed network needs."""
-    if _async_playwright is None:
-        pytest.fail("the playwright package is missing: pip install -r requirements-dev.txt", pytrace=False)
-    executable = _chromium()
-    async with _async_playwright() as pw:
-        ctx = await pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield ctx
-        finally:
-            await ctx.close()
-
-
-def watch_errors(page: Page) -> list[str]:
-    """Uncaught page errors and CSP violations (the page must run under its own strict policy)."""
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-    page.on("console", lambda msg: errors.append(f"console: {msg.text}")
-            if "Content Security Policy" in msg.text else None)
-    return errors
 
 
 async def rows(page: Page) -> list[dict[str, Any]]:
