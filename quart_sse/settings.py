@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     registry_ttl: int = Field(30, ge=3, description="Seconds after which a dead instance's connections stop counting.")
     ticket_ttl: int = Field(30, ge=1, le=60, description="Lifetime of a POST /sse/ticket ticket, in seconds.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted (over it: 413).")
+    max_batch_bytes: int = Field(
+        4 << 20, ge=1024, le=64 << 20,
+        description="Largest body of a batch publish (POST /publish/{app} with a JSON array of up to 1000 events; "
+        "over it: 413). Every other body keeps MAX_BODY_BYTES.")
     graceful_timeout: float = Field(
         5.0, ge=0,
         description="Seconds a SIGTERM waits for open requests; keep a container's stop grace period above it.")
