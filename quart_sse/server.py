@@ -24,6 +24,7 @@ from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
 
 from . import transports
+from .accesslog import AccessLogger
 from .settings import Settings
 
 log = logging.getLogger("quart_sse.server")
@@ -164,6 +165,7 @@ def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> C
     # the path without its query string: tokens and tickets travel in `?token=` / `?ticket=` and must never be logged
     cfg.accesslog = logging.getLogger("hypercorn.access")  # type: ignore[assignment]
     cfg.access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(D)sus'
+    cfg.logger_class = AccessLogger  # atoms built only for a line that is logged (quart_sse/accesslog.py)
     cfg.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
     return cfg
 
