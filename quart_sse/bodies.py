@@ -15,7 +15,7 @@ from quart import Request
 
 def is_batch_route(method: str, path: str) -> bool:
     """`POST /publish/{app}`: the route that accepts a JSON array of events (blueprints/publish.py)."""
-    return method == "POST" and path.startswith("/publish/") and path.count("/") == 2
+    return method == "POST" and path.startswith("/publish/") and path.count("/") == 2 and len(path) > 9
 
 
 def request_class(max_batch_bytes: int) -> type[Request]:
@@ -23,8 +23,8 @@ def request_class(max_batch_bytes: int) -> type[Request]:
 
     class LimitedRequest(Request):
         def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
-            if is_batch_route(method, path):
-                kwargs["max_content_length"] = max(max_batch_bytes, kwargs.get("max_content_length") or 0)
+            if is_batch_route(method, path):  # settings hold MAX_BATCH_BYTES >= MAX_BODY_BYTES
+                kwargs["max_content_length"] = max_batch_bytes
             super().__init__(method, scheme, path, *args, **kwargs)
 
     return LimitedRequest
