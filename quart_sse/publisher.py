@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, StrictStr, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, StrictStr, StringConstraints, TypeAdapter, ValidationError, field_validator
 
 from .broker.base import MAX_BATCH_EVENTS, Broker, Outgoing, Published
 from .events import MAX_ID_LEN, MAX_TYPE_LEN, EventError, check_line, dump_data
@@ -52,14 +52,8 @@ class BatchItem(PublishRequest):
     """One event of a batch (`POST /publish/{app}` with a JSON array): the single body plus `user`; without
     `user` (or with null) the event is a broadcast to every stream of the app."""
 
-    user: StrictStr | None = None
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str | None) -> str | None:
-        if v is not None and not is_valid_id(v):
-            raise ValueError(f"user: not a valid id (allowed: {ID_PATTERN})")
-        return v
+    # checked by pydantic-core itself: a Python validator per event was 10 % of a batch's server CPU
+    user: Annotated[StrictStr, StringConstraints(pattern=ID_PATTERN)] | None = None
 
 
 _BATCH = TypeAdapter(list[BatchItem])
@@ -97,6 +91,8 @@ def _first_error(exc: ValidationError, where: str = "") -> EventError:
         prefix = ""
     name = ".".join(str(p) for p in loc)
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "string_pattern_mismatch":  # the only pattern: an id's
+        msg = f"not a valid id (allowed: {ID_PATTERN})"
     if name and msg.startswith(f"{name}: "):
         msg = msg[len(name) + 2:]
     field = ".".join(p for p in (prefix, name) if p) or where or "body"

@@ -14,12 +14,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as QuartClient
+from redis.exceptions import DataError
 
 from quart_sse import keys
 from quart_sse.app import create_app
 from quart_sse.bodies import is_batch_route
 from quart_sse.broker.base import MAX_BATCH_EVENTS, BrokerUnavailable, Outgoing
-from quart_sse.broker.redis import RedisBroker
+from quart_sse.broker.redis import PackedConnection, RedisBroker
 from quart_sse.broker.seen import SeenIds
 from quart_sse.events import EventError, Message
 from quart_sse.publisher import Event
@@ -444,3 +445,13 @@ def test_seen_ids_window_and_bounds() -> None:
     seen.add("d", "z", 11_301)  # now it has left: c is forgotten whole
     assert len(seen) == 1 and not seen.seen("c", "x2", 11_301)
     assert not SeenIds(0).enabled and not SeenIds(1000, 0).enabled and SeenIds(1000).enabled
+
+
+def test_packed_connection_packs_as_redis_py_does() -> None:
+    ours, theirs = PackedConnection(), aioredis.Connection()
+    for args in [("EVALSHA", "ab" * 20, 3, b"k", "é", 1.5, b"\x00\xff", 10**20), ("CLIENT SETINFO", "LIB-NAME", "x"),
+                 (b"CONFIG GET", b"maxmemory"), ("SET", "k", memoryview(b"v"))]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args
+    for bad in (None, True):  # what hiredis does not take gets redis-py's own error
+        with pytest.raises(DataError):
+            ours.pack_command("SET", "k", bad)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -217,6 +218,22 @@ def _entry_to_message(entry: list[Any]) -> Message | None:
         return None
 
 
+class PackedConnection(aioredis.Connection):
+    """redis-py's connection, with commands packed by hiredis (C) instead of redis-py's per-argument Python loop: a
+    batch of 1,000 events is about 4,000 arguments, 2 ms to pack in Python (17 % of the batch route's server CPU),
+    0.3 ms in hiredis. The bytes are the same; anything hiredis does not take (None, bool, ...) goes the old way and
+    gets redis-py's own error."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if (isinstance(first, str) and " " in first) or (isinstance(first, bytes) and b" " in first):
+            args = (*first.split(), *args[1:])  # 'CLIENT SETINFO' and the like: one argument per word
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return super().pack_command(*args)
+
+
 class ScriptRefused(BrokerUnavailable):
     """The publish script found a key of the wrong type before its first write: nothing of it was written."""
 
@@ -239,6 +256,7 @@ class RedisBroker:
         self.redis: aioredis.Redis = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=64, timeout=5, socket_connect_timeout=2, socket_timeout=5,
+                connection_class=PackedConnection,  # rediss:// and unix:// keep their own classes (from_url)
                 health_check_interval=10,
                 # after a Redis restart each pooled connection fails its next command ("closed by server"): retry
                 # that once on a fresh connection. Not time-outs: the command may have run, a publish would double.
