@@ -107,10 +107,28 @@ def _maker(mode: str, batch: int, users: int, with_ids: bool, tok: str) -> colle
 _LINE = re.compile(r":\d+\)$")
 
 
+#: Where a sample's own time is spent, by the file of its innermost frame (first match wins).
+_PACKAGES = [("event loop, syscalls (uvloop, C)", ("asyncio/runners.py", "uvloop/")),
+             ("asyncio in Python (streams, tasks; socket writes)", ("asyncio/",)), ("hypercorn", ("hypercorn/",)),
+             ("h11", ("h11/",)),
+             ("quart", ("quart/", "flask/")), ("werkzeug", ("werkzeug/",)), ("redis-py", ("redis/",)),
+             ("pydantic", ("pydantic",)), ("prometheus_client", ("prometheus_client/",)),
+             ("ours (quart_sse, blueprints)", ("quart_sse/", "blueprints/", "redis.py)", "seen.py)", "memory.py)"))]
+
+
+def _package(frame: str) -> str:
+    where = frame[frame.rfind("(") + 1:]
+    for name, needles in _PACKAGES:
+        if any(n in where for n in needles):
+            return name
+    return "other (stdlib, ...)"
+
+
 def _collapsed_summary(raw_path: str, top: int = 150) -> str:
-    """py-spy's collapsed stacks to a table of frames by own and cumulative share of the samples."""
+    """py-spy's collapsed stacks to a table of own time by package, then frames by own and cumulative share."""
     own: collections.Counter[str] = collections.Counter()
     cum: collections.Counter[str] = collections.Counter()
+    packages: collections.Counter[str] = collections.Counter()
     total = 0
     with open(raw_path) as fh:
         for line in fh:
@@ -121,9 +139,12 @@ def _collapsed_summary(raw_path: str, top: int = 150) -> str:
             total += n
             frames = [_LINE.sub(")", f) for f in stack.split(";")]  # by function, not by line
             own[frames[-1]] += n
+            packages[_package(frames[-1])] += n
             for f in set(frames):
                 cum[f] += n
-    out = [f"{total} samples", "", "own %  frame"]
+    out = [f"{total} samples", "", "own %  package"]
+    out += [f"{100 * n / total:5.1f}  {p}" for p, n in packages.most_common()]
+    out += ["", "own %  frame"]
     out += [f"{100 * n / total:5.1f}  {f}" for f, n in own.most_common(top)]
     out += ["", "cum %  frame"]
     out += [f"{100 * n / total:5.1f}  {f}" for f, n in cum.most_common(top)]
@@ -178,7 +199,8 @@ def _wrk(args: argparse.Namespace, server: Server, tok: str, seconds: float) -> 
                   first_error="see wrk" if errors else "")
 
 
-async def _load(args: argparse.Namespace, server: Server) -> tuple[Result, float, float]:
+async def _load(args: argparse.Namespace, server: Server,
+                redis: Server | None) -> tuple[Result, float, float, float]:
     tok = make_token(SECRET, "backend", APP, scope="publish")
     make = _maker(args.mode, args.batch, args.users, args.ids, tok)
     warm = Result()
@@ -195,15 +217,17 @@ async def _load(args: argparse.Namespace, server: Server) -> tuple[Result, float
         with open(args.profile + ".log", "w") as log:  # noqa: ASYNC230 - before the measured window
             profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220 - idem
         await asyncio.sleep(0.5)
+    redis0 = redis.cpu_seconds() if redis else 0.0
     cpu0, t0 = server.cpu_seconds(), time.monotonic()
     if args.client == "wrk":
         res = await asyncio.to_thread(_wrk, args, server, tok, args.seconds)
     else:
         await asyncio.gather(*[_connection(server.port, make, t0 + args.seconds, res) for _ in range(args.conns)])
     cpu1, t1 = server.cpu_seconds(), time.monotonic()
+    redis_cpu = redis.cpu_seconds() - redis0 if redis else 0.0
     if profiler is not None:
         await asyncio.to_thread(profiler.wait, 30)
-    return res, cpu1 - cpu0, t1 - t0
+    return res, cpu1 - cpu0, t1 - t0, redis_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             run = uvloop.run
         except ImportError:
             run = asyncio.run
-        res, cpu, wall = run(_load(args, server))
+        res, cpu, wall, redis_cpu = run(_load(args, server, redis))
     finally:
         server.stop()
         if redis is not None:
@@ -247,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  server CPU {cpu:.2f} s ({100 * cpu / wall:.0f} % of a core): {per_event_us:.1f} µs per event, "
           f"{res.events / cpu if cpu else float('nan'):,.0f} events per server CPU-second, "
           f"{1e6 * cpu / max(res.requests, 1):.1f} µs per request")
+    if redis is not None and res.events:
+        print(f"  redis CPU {redis_cpu:.2f} s: {1e6 * redis_cpu / res.events:.1f} µs per event (the publish script, "
+              "pub/sub, the connection)")
     if args.profile:
         Path(args.profile).write_text(_collapsed_summary(args.profile + ".raw"))
         print(f"  profile: {args.profile} (raw stacks: {args.profile}.raw)")

@@ -455,3 +455,20 @@ def test_packed_connection_packs_as_redis_py_does() -> None:
     for bad in (None, True):  # what hiredis does not take gets redis-py's own error
         with pytest.raises(DataError):
             ours.pack_command("SET", "k", bad)
+
+
+async def test_redis_a_history_ahead_of_the_sequence_does_not_block_publishing(redis_url: str) -> None:
+    """The app's sequence hash lost while its history streams live (an operator's DEL, an eviction): XADD would
+    refuse every position at or below the stream's newest; the script moves past it instead, before any write."""
+    async with redis_rig(redis_url) as (broker, client, live):
+        first = await broker.publish_many(APP, [Outgoing("alice", "h1", "t", b"1"), Outgoing(None, "h2", "t", b"2")])
+        assert first[1].pos is not None
+        await client.delete(keys.seq_key(APP))
+        ahead = f"{first[1].pos[0] + 60_000}-1"  # a minute ahead of the clock, as a lost sequence can leave it
+        await client.xadd(keys.history_key(APP, None), {"id": "h2b", "type": "t", "data": "0", "prev": "x"}, id=ahead)
+        again = await broker.publish_many(APP, [Outgoing("alice", "h3", "t", b"3"), Outgoing(None, "h4", "t", b"4")])
+        assert again[0].pos is not None and again[1].pos is not None
+        assert again[0].pos > (first[1].pos[0] + 60_000, 1) and again[1].pos > again[0].pos
+        await until_live(live, 4)
+        assert [m.id for m in live] == ["h1", "h2", "h3", "h4"]
+        assert [m.id for m in (await broker.replay(APP, "alice", "h1")).messages] == ["h2", "h2b", "h3", "h4"]

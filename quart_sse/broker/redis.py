@@ -30,46 +30,73 @@ log = logging.getLogger("quart_sse.broker")
 # the window (a duplicate: not published again, docs/publishing.md).
 #
 # One round trip, atomic: an event's live copy, its history entry and its seen id never disagree, and the events
-# of one call get consecutive positions in their order. All or nothing: every key's type is checked before the
-# first write, and Redis refuses a script over `maxmemory` only at its first write (redis/src/script.c,
-# scriptVerifyOOM), so a failure leaves nothing half-published. Each history entry records `prev`, the position of
-# the entry before it in the same stream: trimming (which Redis does not record in max-deleted-entry-id) and
-# expiry only ever remove a stream's oldest entries, so an entry whose `prev` is missing proves a gap.
+# of one call get consecutive positions in their order. All or nothing: everything that could fail is checked
+# before the first write (key types; a history stream whose newest entry is ahead of the app's sequence, which
+# XADD would refuse, moves the clock past it), and Redis refuses a script over `maxmemory` only at its first write
+# (redis/src/script.c, scriptVerifyOOM), so a failing call leaves nothing written. That matters beyond tidiness:
+# an id marked seen without its event published would swallow every retry of it. Each history entry records
+# `prev`, the position of the entry before it in the same stream: trimming (which Redis does not record in
+# max-deleted-entry-id) and expiry only ever remove a stream's oldest entries, so an entry whose `prev` is missing
+# proves a gap.
 PUBLISH_LUA = """
 local maxlen, window, maxids, nch = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local first = 5 + nch
 local history = maxlen > 0 and window > 0
 local dedup = maxids > 0 and window > 0
-for c = 1, nch do
-  if history then
-    local t = redis.call('TYPE', KEYS[2 * c])['ok']
-    if t ~= 'none' and t ~= 'stream' then return redis.error_reply('WRONGTYPE ' .. KEYS[2 * c] .. ' is a ' .. t) end
-  end
-  if dedup then
-    local t = redis.call('TYPE', KEYS[2 * c + 1])['ok']
-    if t ~= 'none' and t ~= 'zset' then return redis.error_reply('WRONGTYPE ' .. KEYS[2 * c + 1] .. ' is a ' .. t) end
-  end
+local function wrongtype(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then return 'WRONGTYPE ' .. key .. ' is a ' .. t .. ', not a ' .. want end
+  return nil
 end
+-- 1. reads and checks only
+local bad = wrongtype(KEYS[1], 'hash')
+if bad then return redis.error_reply(bad) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last = tonumber(redis.call('HGET', KEYS[1], 'ms') or '0')
+local seq = redis.call('HMGET', KEYS[1], 'ms', 'n')
+local last, n = tonumber(seq[1] or '0'), tonumber(seq[2] or '0')
 if now < last then now = last end
+local prev = {}
+for c = 1, nch do
+  if history then
+    bad = wrongtype(KEYS[2 * c], 'stream')
+    if bad then return redis.error_reply(bad) end
+    local newest = redis.call('XREVRANGE', KEYS[2 * c], '+', '-', 'COUNT', 1)
+    prev[c] = ''
+    if #newest > 0 then
+      prev[c] = newest[1][1]
+      local pm, pn = string.match(prev[c], '^(%d+)%-(%d+)$')
+      pm, pn = tonumber(pm), tonumber(pn)
+      if pm > now or (pm == now and pn > n) then now = pm + 1 end
+    end
+  end
+  if dedup then
+    bad = wrongtype(KEYS[2 * c + 1], 'zset')
+    if bad then return redis.error_reply(bad) end
+  end
+end
 local oldest = now - window
-local dup, count = {}, 0
+-- 2. duplicates: ZADD NX is the first write, and the only call for the usual case, a new id
+local dup, count, seen = {}, 0, {}
 if dedup then
-  local seen = {}
+  local batch = {}
   for e = first, #ARGV, 4 do
     local id = ARGV[e + 1]
     if id ~= '' then
       local c = tonumber(ARGV[e])
-      local mine = seen[c]
-      if mine == nil then mine = {}; seen[c] = mine end
+      local mine = batch[c]
+      if mine == nil then mine = {}; batch[c] = mine; seen[c] = true end
       if mine[id] then
         dup[e] = true
       else
         mine[id] = true
-        local at = redis.call('ZSCORE', KEYS[2 * c + 1], id)
-        if at and tonumber(at) >= oldest then dup[e] = true end
+        if redis.call('ZADD', KEYS[2 * c + 1], 'NX', now, id) == 0 then
+          if tonumber(redis.call('ZSCORE', KEYS[2 * c + 1], id)) >= oldest then
+            dup[e] = true
+          else
+            redis.call('ZADD', KEYS[2 * c + 1], now, id)  -- out of the window: new again
+          end
+        end
       end
     end
   end
@@ -80,9 +107,9 @@ if count == 0 then
   for e = first, #ARGV, 4 do out[#out + 1] = '' end
   return out
 end
-local n = redis.call('HINCRBY', KEYS[1], 'n', count) - count
-redis.call('HSET', KEYS[1], 'ms', now)
-local prev, seen = {}, {}
+-- 3. the events, in their order
+redis.call('HSET', KEYS[1], 'ms', now, 'n', n + count)
+local added = {}
 for e = first, #ARGV, 4 do
   if dup[e] then
     out[#out + 1] = ''
@@ -91,22 +118,12 @@ for e = first, #ARGV, 4 do
     n = n + 1
     local pos = now .. '-' .. n
     local id = ARGV[e + 1]
-    if id == '' then
-      id = pos
-    elseif dedup then
-      redis.call('ZADD', KEYS[2 * c + 1], now, id)
-      seen[c] = true
-    end
+    if id == '' then id = pos end
     if history then
-      local p = prev[c]
-      if p == nil then
-        local newest = redis.call('XREVRANGE', KEYS[2 * c], '+', '-', 'COUNT', 1)
-        p = ''
-        if #newest > 0 then p = newest[1][1] end
-      end
       redis.call('XADD', KEYS[2 * c], 'MAXLEN', '~', maxlen, pos, 'id', id, 'type', ARGV[e + 2], 'data', ARGV[e + 3],
-        'prev', p)
+        'prev', prev[c])
       prev[c] = pos
+      added[c] = true
     end
     local payload = '{"id":' .. cjson.encode(id) .. ',"type":' .. cjson.encode(ARGV[e + 2]) .. ',"data":'
       .. ARGV[e + 3] .. ',"pos":"' .. pos .. '"}'
@@ -114,7 +131,7 @@ for e = first, #ARGV, 4 do
     out[#out + 1] = pos
   end
 end
-for c in pairs(prev) do
+for c in pairs(added) do
   redis.call('XTRIM', KEYS[2 * c], 'MINID', '~', oldest .. '-0')
   redis.call('PEXPIRE', KEYS[2 * c], window)
 end
