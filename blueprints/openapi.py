@@ -11,6 +11,8 @@ from typing import Any
 
 from quart import Blueprint, Response, jsonify
 
+from blueprints.publish import REPLAYED_HEADER
+from quart_sse.broker.base import MAX_BATCH_EVENTS
 from quart_sse.http import services
 from quart_sse.ids import ID_PATTERN
 from quart_sse.settings import Settings
@@ -79,13 +81,31 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                    "description": "Kept as the event's `id:`; omitted, the service assigns one."}}},
         "Published": {"type": "object", "required": ["id"], "additionalProperties": False,
                       "properties": {"id": {"type": "string", "description": "The event's id."}}},
+        "BatchEvent": {"type": "object", "required": ["type"], "additionalProperties": False, "properties": {
+            "user": {**_ref("Id"), "description": "The user whose streams get the event; omitted or null: every "
+                                                  "stream of the app (a broadcast)."},
+            "type": {"$ref": "#/components/schemas/PublishBody/properties/type"},
+            "data": {"$ref": "#/components/schemas/PublishBody/properties/data"},
+            "id": {"$ref": "#/components/schemas/PublishBody/properties/id"}}},
+        "BatchBody": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH_EVENTS, "items": _ref("BatchEvent"),
+                      "description": "Events for any users of the app and its broadcast, published in this order, "
+                                     "validated as a whole (a 400 names `events[i].field` and nothing is published)."},
+        "BatchPublished": {"type": "object", "required": ["ids", "duplicates"], "additionalProperties": False,
+                           "properties": {
+                               "ids": {"type": "array", "items": {"type": "string"},
+                                       "description": "Each event's id, in the order of the request."},
+                               "duplicates": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                              "description": "Indexes of the events not published again: their id "
+                                                             "had been published on their channel within "
+                                                             "HISTORY_TTL (a retry)."}}},
     }
     responses = {
         "400": _json(_ref("Error"), "Bad request: a path id or the body is invalid (the message names the field)."),
         "401": {**_json(_ref("Error"), "Missing, invalid or expired token."),
                 "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
         "403": _json(_ref("Error"), "Valid token, wrong application or missing scope."),
-        "413": _json(_ref("Error"), f"Request body over {settings.max_body_bytes} bytes."),
+        "413": _json(_ref("Error"), f"Request body over {settings.max_body_bytes} bytes (a batch: over "
+                                    f"{settings.max_batch_bytes} bytes, MAX_BATCH_BYTES)."),
         "429": _json(_ref("Error"), "MAX_CONNECTIONS_PER_USER streams already open for this user."),
         "503": {**_json(_ref("Error"), "The broker (Redis) is unreachable, or the instance is full or stopping."),
                 "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
@@ -101,12 +121,31 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "ticket": {"type": "apiKey", "in": "query", "name": "ticket",
                    "description": "Single-use, from POST /sse/ticket; GET /sse only."},
     }
+    replayed = {REPLAYED_HEADER: {"schema": {"const": "true"}, "description": (
+        "Present when nothing of the request was published now: every event carried an id its channel had "
+        "already published within HISTORY_TTL (a retry), answered as the first time.")}}
     publish_op = {
         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("PublishBody"), "example": {
             "type": "notification", "data": {"title": "Hello"}}}}},
-        "responses": {"202": _json(_ref("Published"), "Accepted: delivered to the open streams, kept in history."),
+        "responses": {"202": {**_json(_ref("Published"), "Accepted: delivered to the open streams, kept in "
+                                                         "history (or, for a retry, accepted before)."),
+                              "headers": replayed},
                       **_errors(400, 401, 403, 413, 503)},
         "security": [{"bearer": []}, {"tokenQuery": []}, {"seedQuery": []}, {"cookie": []}],
+    }
+    broadcast_op = {
+        "requestBody": {"required": True, "content": {JSON: {
+            "schema": {"oneOf": [_ref("PublishBody"), _ref("BatchBody")]},
+            "examples": {
+                "broadcast": {"value": {"type": "notification", "data": {"title": "Hello"}}},
+                "batch": {"value": [{"user": "alice", "type": "notification", "data": {"n": 1}, "id": "n-1"},
+                                    {"type": "news", "data": {"n": 2}, "id": "news-2"}]}}}}},
+        "responses": {"202": {**_json({"oneOf": [_ref("Published"), _ref("BatchPublished")]},
+                                      "Accepted: a JSON object's one event, or a batch's events, delivered to the "
+                                      "open streams and kept in history."),
+                              "headers": replayed},
+                      **_errors(400, 401, 403, 413, 503)},
+        "security": publish_op["security"],
     }
     paths: dict[str, Any] = {
         "/": {"get": {"summary": "Redirect to /health (the seed's)", "operationId": "root", "security": [],
@@ -155,8 +194,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "summary": "Publish an event to every stream of one user (scope publish)", "operationId": "publishUser",
             "parameters": [APP_PARAM, USER_PARAM], **publish_op}},
         "/publish/{app}": {"post": {
-            "summary": "Broadcast an event to every stream of the app (scope publish)", "operationId": "broadcast",
-            "parameters": [APP_PARAM], **publish_op}},
+            "summary": "Broadcast an event to every stream of the app, or publish a batch (a JSON array of up to "
+                       f"{MAX_BATCH_EVENTS} events for any users of the app and its broadcast) (scope publish)",
+            "operationId": "broadcast", "parameters": [APP_PARAM], **broadcast_op}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics", "security": [],
                              "responses": {"200": {"description": "Prometheus text exposition format.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

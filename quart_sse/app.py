@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quart import Quart
 
-from . import auth, cors, errors
+from . import auth, bodies, cors, errors
 from .adapter import ServerAdapter
 from .logs import setup_logging
 from .services import Services
@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None, adapter: ServerAdapter | None =
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
+    app.request_class = bodies.request_class(settings.max_batch_bytes)  # MAX_BATCH_BYTES on the batch route only
     services = Services(settings, adapter)
     app.extensions["quart_sse"] = services
     auth.init_app(app, settings)

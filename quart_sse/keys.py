@@ -34,6 +34,11 @@ def history_key(app: str, user: str | None) -> str:
     return f"sse:{{{app}}}:h:b" if user is None else f"sse:{{{app}}}:h:u:{user}"
 
 
+def seen_key(app: str, user: str | None) -> str:
+    """The ids a channel published within HISTORY_TTL (a sorted set id → ms), for safe retries."""
+    return f"sse:{{{app}}}:seen:b" if user is None else f"sse:{{{app}}}:seen:u:{user}"
+
+
 def seq_key(app: str) -> str:
     return f"sse:{{{app}}}:seq"
 

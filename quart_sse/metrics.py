@@ -55,6 +55,16 @@ class Metrics:
         self.publishes = Counter("sse_publishes", "Events published through this instance", ["kind"], registry=r)
         self.publish_seconds = Histogram("sse_publish_duration_seconds", "Publish round trip (history + live)",
                                          registry=r, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5, 1))
+        # children bound once, not looked up per request
+        self.published_user = self.publishes.labels(PublishKind.USER.value)
+        self.published_broadcast = self.publishes.labels(PublishKind.BROADCAST.value)
+        self.publish_duplicates = Counter(
+            "sse_publish_duplicates", "Events not published again: their id was already published on the channel "
+            "within HISTORY_TTL (a retried publish)", registry=r)
+        self.publish_batches = Counter("sse_publish_batches", "Batch publish requests accepted", registry=r)
+        self.publish_batch_seconds = Histogram(
+            "sse_publish_batch_duration_seconds", "Batch publish round trip (every event's history + live)",
+            registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
         self.delivery_seconds = Histogram(
             "sse_delivery_latency_seconds", "From publish (history position time) to hand-over to local streams",
             registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))

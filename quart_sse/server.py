@@ -22,6 +22,7 @@ from typing import Any
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
+from .accesslog import AccessLogger
 from .adapter import ServerAdapter
 from .settings import Settings
 
@@ -41,6 +42,7 @@ def hypercorn_config(settings: Settings, sock: socket.socket | None = None,
     # the path without its query string: tokens and tickets travel in `?token=` / `?ticket=` and must never be logged
     cfg.accesslog = logging.getLogger("hypercorn.access")  # type: ignore[assignment]
     cfg.access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(D)sus'
+    cfg.logger_class = AccessLogger  # atoms built only for a line that is logged (quart_sse/accesslog.py)
     cfg.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
     if adapter is not None:
         adapter.attach(cfg)

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     registry_ttl: int = Field(30, ge=3, description="Seconds after which a dead instance's connections stop counting.")
     ticket_ttl: int = Field(30, ge=1, le=60, description="Lifetime of a POST /sse/ticket ticket, in seconds.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted (over it: 413).")
+    max_batch_bytes: int = Field(
+        4 << 20, ge=1024, le=64 << 20,
+        description="Largest body of a batch publish (POST /publish/{app} with a JSON array of up to 1000 events; "
+        "over it: 413); at least MAX_BODY_BYTES. Every other body keeps MAX_BODY_BYTES.")
     graceful_timeout: float = Field(
         5.0, ge=0,
         description="Seconds a SIGTERM waits for open requests; keep a container's stop grace period above it.")
@@ -98,6 +102,8 @@ class Settings(BaseSettings):
             secret = self.jwt_secret.get_secret_value()
             if len(secret.encode()) < 32 or secret == EXAMPLE_SECRET:
                 raise ValueError("JWT_SECRET: production needs a secret of at least 32 bytes, not the example's")
+        if self.max_batch_bytes < self.max_body_bytes:  # the batch route also takes a single event's body
+            raise ValueError("MAX_BATCH_BYTES: must be at least MAX_BODY_BYTES")
         if self.jwt_algorithm[:2] in ("RS", "ES") and not self.jwt_public_key:
             raise ValueError(f"JWT_PUBLIC_KEY: required for JWT_ALGORITHM={self.jwt_algorithm}")
         if self.jwt_algorithm[:2] in ("RS", "ES") and self.jwt_public_key:

@@ -158,3 +158,77 @@ async def test_publish_with_the_in_process_broker_and_no_service(tmp_path: Path)
     rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--type", "t", "{}",
                                  env={"APP_PORT": str(free_port())})
     assert_clean_failure(rc, out, err, "not reachable")
+
+
+# ------------------------------------------------------------------------------------------------ publish --batch
+async def run_cli_input(cwd: Path, stdin: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quart_sse", *args, env=service_env(env or {}), cwd=cwd,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+BATCH_LINES = "\n".join([
+    '{"user": "alice", "type": "greet", "data": {"n": 1}, "id": "b1"}',
+    "",  # blank lines are skipped
+    '{"type": "news", "data": [2], "id": "b2"}',
+    '{"user": "bob", "type": "t", "data": 3, "id": "b3"}',
+    '{"user": "alice", "type": "t", "data": 4, "id": "b4"}',
+]) + "\n"
+
+
+@pytest.mark.parametrize("broker", ["redis", "memory"])
+async def test_publish_batch_from_stdin_and_a_file(tmp_path: Path, broker: str, request: pytest.FixtureRequest) -> None:
+    """JSON lines in, one JSON line per event out, in order; a second run of the same lines is all duplicates (a
+    safe retry); through Redis directly, or posted to the running service with the in-process broker."""
+    s = make_settings(redis_url=request.getfixturevalue("redis_url")) if broker == "redis" else make_settings()
+    env = {"REDIS_URL": s.redis_url} if s.redis_url else {"APP_PORT": str(s.app_port)}
+    async with live_server(s) as srv:
+        st = await open_stream(srv.port, headers=auth(token(s, "alice", "app1")))
+        try:
+            rc, out, err = await run_cli_input(tmp_path, BATCH_LINES, "publish", "--app", "app1", "--batch", "-",
+                                               env=env)
+            assert rc == 0, err
+            assert [json.loads(line) for line in out.splitlines()] == [{"id": f"b{i}"} for i in (1, 2, 3, 4)]
+            got = [await st.next_event() for _ in range(3)]
+            assert [(e.id, e.event, e.json()) for e in got if e] == [("b1", "greet", {"n": 1}), ("b2", "news", [2]),
+                                                                     ("b4", "t", 4)]
+            (tmp_path / "events.jsonl").write_text(BATCH_LINES)
+            rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--batch", "events.jsonl", env=env)
+            assert rc == 0, err
+            assert [json.loads(line) for line in out.splitlines()] == [{"id": f"b{i}", "duplicate": True}
+                                                                        for i in (1, 2, 3, 4)]
+            # one event retried through the single form is a duplicate too
+            rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--user", "alice", "--type", "t",
+                                         "--id", "b4", "4", env=env)
+            assert rc == 0 and json.loads(out) == {"id": "b4", "duplicate": True}, err
+            rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--user", "alice", "--type", "end",
+                                         "--id", "end", "0", env=env)
+            assert rc == 0, err
+            ev = await st.next_event()
+            assert ev is not None and ev.id == "end"  # nothing of the retries reached the stream
+        finally:
+            await st.close()
+
+
+async def test_publish_batch_refuses_bad_lines_before_publishing_anything(tmp_path: Path, redis_url: str) -> None:
+    env = {"REDIS_URL": redis_url}
+    lines = '{"user": "alice", "type": "t", "id": "ok"}\n\n{"user": "alice", "type": "a\\nb"}\n'
+    rc, out, err = await run_cli_input(tmp_path, lines, "publish", "--app", "app1", "--batch", "-", env=env)
+    assert_clean_failure(rc, out, err, "line 3: type:")
+    assert out == ""
+    rc, out, err = await run_cli_input(tmp_path, '{"type": "t"}\n{nope\n', "publish", "--app", "app1", "--batch", "-",
+                                       env=env)
+    assert_clean_failure(rc, out, err, "line 2: not valid JSON")
+    rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--batch", "missing.jsonl", env=env)
+    assert_clean_failure(rc, out, err, "missing.jsonl")
+    rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--batch", "-", "--type", "t", env=env)
+    assert_clean_failure(rc, out, err, "--batch")
+    rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--type", "t", env=env)
+    assert_clean_failure(rc, out, err, "DATA_JSON")
+    # nothing of the refused batch was published: "ok" is new now
+    rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--user", "alice", "--type", "t", "--id", "ok",
+                                 "1", env=env)
+    assert rc == 0 and json.loads(out) == {"id": "ok"}, err

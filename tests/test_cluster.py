@@ -34,6 +34,7 @@ from tests.support import (
     service_env,
     token,
 )
+from tests.support_publish import retried_publishes_reach_each_stream_once
 
 pytestmark = pytest.mark.slow
 SETTINGS = make_settings()  # mints tokens with the tests' secret
@@ -207,6 +208,30 @@ async def test_sharded_delivery_and_resume_across_instances(clean: LocalCluster,
                 await s.close()
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+async def test_batches_and_safe_retries_on_the_cluster(clean: LocalCluster) -> None:
+    """Batch publishes of apps owned by different primaries: each batch is one script call at its app's primary,
+    and a publisher retrying every request three times (one after another, and racing) still gets each event to
+    every stream and into history exactly once."""
+    apps = apps_on_distinct_primaries(clean, 2)
+    settings = cluster_settings(clean.url)
+    async with live_server(settings) as srv:
+        for app, concurrent in zip(apps, (False, True), strict=True):
+            await retried_publishes_reach_each_stream_once(srv.url, srv.port, SETTINGS, app, concurrent=concurrent)
+        app = apps[0]
+        owner = clean.owner_of(keys.seq_key(app)).client()
+        try:
+            owner.config_resetstat()
+            batch = [{"user": f"u{i % 40}", "type": "t", "data": i, "id": f"big-{i}"} for i in range(1000)]
+            async with httpx.AsyncClient(base_url=srv.url) as c:
+                r = await c.post(f"/publish/{app}", json=batch, headers=auth(token(SETTINGS, "backend", app,
+                                                                                   "publish")))
+            assert r.status_code == 202 and r.json()["ids"] == [e["id"] for e in batch], r.text
+            stats = owner.info("commandstats")
+            assert stats["cmdstat_evalsha"]["calls"] == 1, stats.get("cmdstat_evalsha")
+        finally:
+            owner.close()
 
 
 async def _ready(c: httpx.AsyncClient, base: str) -> bool:

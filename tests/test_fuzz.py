@@ -118,6 +118,13 @@ async def fuzz_app() -> AsyncIterator[tuple[Quart, QuartClient, Settings]]:
         yield app, client, s
 
 
+@pytest.fixture
+def published_ids() -> set[tuple[str, str | None, str]]:
+    """(app, user or None, id) of every event published with an id so far, across the examples that share one
+    fuzz_app: a second publish of one of them is a duplicate (safe retries), answered but not published."""
+    return set()
+
+
 def _check_frames(raw: bytes) -> list[dict[str, str]]:
     """Every line is a well-formed SSE line; returns the events (as field dicts) the bytes hold."""
     assert raw.endswith(b"\n\n") or not raw, raw[-50:]
@@ -323,7 +330,8 @@ async def _listeners(app: Quart) -> AsyncIterator[dict[str, Stream]]:
 
 @FUZZ
 @given(raw=publish_bodies())
-async def test_fuzz_publish_bodies(fuzz_app: Any, raw: bytes) -> None:
+async def test_fuzz_publish_bodies(fuzz_app: Any, published_ids: set[tuple[str, str | None, str]],
+                                   raw: bytes) -> None:
     app, client, s = fuzz_app
     expected = _publish_ok(raw)
     async with _listeners(app) as subs:
@@ -337,6 +345,14 @@ async def test_fuzz_publish_bodies(fuzz_app: Any, raw: bytes) -> None:
         assert r.status_code == 202, (raw[:200], body)
         frame = subs["app1/alice"].drain()
         assert not subs["app1/bob"].pending() and not subs["app2/alice"].pending()  # never outside its channel
+    given: str | None = expected.get("id")
+    if r.headers.get("Idempotent-Replayed") == "true":
+        assert given is not None and ("app1", "alice", given) in published_ids, (raw[:200], body)
+        assert frame == b"" and body == {"id": given}, (raw[:200], body)
+        return
+    if given is not None:
+        assert ("app1", "alice", given) not in published_ids, given
+        published_ids.add(("app1", "alice", given))
     (ev,) = _check_frames(frame)
     assert ev["event"] == expected["type"] and json.loads(ev["data"]) == json.loads(
         orjson.dumps(expected.get("data")))
@@ -347,8 +363,8 @@ async def test_fuzz_publish_bodies(fuzz_app: Any, raw: bytes) -> None:
 @given(app_id=valid_ids | junk, user=st.none() | valid_ids | junk,
        event_type=valid_ids | junk | st.just("\ud800"), data=json_values | st.just({1: 2}) | st.just(2**70),
        event_id=st.none() | valid_ids | junk | st.just("x\udfff"))
-async def test_fuzz_python_publisher(fuzz_app: Any, app_id: Any, user: Any, event_type: Any, data: Any,
-                                     event_id: Any) -> None:
+async def test_fuzz_python_publisher(fuzz_app: Any, published_ids: set[tuple[str, str | None, str]], app_id: Any,
+                                     user: Any, event_type: Any, data: Any, event_id: Any) -> None:
     """The Python API refuses exactly what the HTTP route refuses, with EventError and nothing else."""
     app, _, _ = fuzz_app
     pub = app.extensions["quart_sse"].publisher
@@ -361,6 +377,12 @@ async def test_fuzz_python_publisher(fuzz_app: Any, app_id: Any, user: Any, even
             return
         assert is_valid_id(app_id) and (user is None or is_valid_id(user))
         frames = {k: sub.drain() for k, sub in subs.items()}
+    if event_id is not None:
+        assert msg.duplicate == ((app_id, user, event_id) in published_ids)
+        published_ids.add((app_id, user, event_id))
+    if msg.duplicate:
+        assert msg.id == event_id and not any(frames.values())
+        return
     for key, frame in frames.items():
         a, u = key.split("/")
         reached = a == app_id and (user is None or u == user)

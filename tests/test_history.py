@@ -19,9 +19,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from quart_sse import keys
-from quart_sse.broker.base import Broker, BrokerUnavailable, Replay
+from quart_sse.broker.base import Broker, BrokerUnavailable, Published, Replay
 from quart_sse.broker.memory import MemoryBroker
 from quart_sse.broker.redis import RedisBroker
+from quart_sse.broker.seen import MAX_SEEN_IDS
 from quart_sse.events import Message, format_position
 from quart_sse.publisher import Publisher, connect
 from tests.support import ROOT, service_env
@@ -41,7 +42,7 @@ class Rig:
         await asyncio.gather(*[self.broker.subscribe(ch) for ch in channels])
 
     async def pub(self, user: str | None, event_id: str | None = None, event_type: str = "t",
-                  data: bytes = b"{}") -> Message:
+                  data: bytes = b"{}") -> Published:
         return await self.broker.publish(APP, user, event_id, event_type, data)
 
     async def wait_live(self, n: int, timeout: float = 5.0) -> None:
@@ -60,8 +61,9 @@ async def make_rig(broker_kind: str, request: pytest.FixtureRequest) -> AsyncIte
     url = request.getfixturevalue("redis_url") if broker_kind == "redis" else None
     made: list[Broker] = []
 
-    async def make(size: int = 5, ttl: int = 3600) -> Rig:
-        broker: Broker = RedisBroker(url, f"t{len(made)}", size, ttl) if url else MemoryBroker(size, ttl)
+    async def make(size: int = 5, ttl: int = 3600, max_seen_ids: int = MAX_SEEN_IDS) -> Rig:
+        broker: Broker = RedisBroker(url, f"t{len(made)}", size, ttl, max_seen_ids=max_seen_ids) if url else \
+            MemoryBroker(size, ttl, max_seen_ids=max_seen_ids)
         made.append(broker)
         rig = Rig(broker)
         await broker.start(lambda ch, m: rig.live.append((ch, m)), _no_control, lambda: None)
@@ -89,8 +91,8 @@ async def test_publish_keeps_history_and_delivers_live_with_the_same_id_and_posi
         (keys.user_channel(APP, "alice"), "e0", first.pos),
         (keys.user_channel(APP, "alice"), m1.id, m1.pos),
         (keys.broadcast_channel(APP), "b1", m2.pos)]
-    wire = b"id: " + (m1.id or "").encode() + b'\nevent: greeting\ndata: {"hello":"world"}\n\n'
-    assert rig.live[1][1].frame == m1.frame == wire
+    wire = b"id: " + m1.id.encode() + b'\nevent: greeting\ndata: {"hello":"world"}\n\n'
+    assert rig.live[1][1].frame == wire
     replay = await rig.broker.replay(APP, "alice", "e0")
     assert [(m.id, m.type, m.data, m.pos) for m in replay.messages] == [
         (m1.id, "greeting", b'{"hello":"world"}', m1.pos), ("b1", "news", b"[1,2]", m2.pos)]
@@ -136,13 +138,24 @@ async def test_replay_after_is_the_newest_replayed_position(make_rig: MakeRig) -
 
 
 async def test_publisher_ids_resume_after_the_most_recent_event_with_that_id(make_rig: MakeRig) -> None:
+    """An id reused on the other channel is another event (only the same channel deduplicates); a resume is after
+    the most recent event with the id."""
     rig = await make_rig(size=20)
-    for eid, user in [("a", "alice"), ("b", None), ("a", "alice"), ("c", "alice"), ("a", None), ("d", None)]:
-        await rig.pub(user, eid)
+    for eid, user in [("a", "alice"), ("b", None), ("c", "alice"), ("a", None), ("d", None)]:
+        assert not (await rig.pub(user, eid)).duplicate
     assert ids(await rig.broker.replay(APP, "alice", "a")) == ["d"]
-    assert ids(await rig.broker.replay(APP, "alice", "b")) == ["a", "c", "a", "d"]
+    assert ids(await rig.broker.replay(APP, "alice", "b")) == ["c", "a", "d"]
     assert ids(await rig.broker.replay(APP, "bob", "a")) == ["d"]  # bob only sees the broadcast "a"
     assert (await rig.broker.replay(APP, "bob", "c")).reset == "unknown id"  # alice's id is not bob's
+
+
+async def test_without_deduplication_a_reused_id_resumes_after_the_most_recent(make_rig: MakeRig) -> None:
+    """The replay rule itself, with the seen-ids index off (max_seen_ids=0): the same id twice on one channel."""
+    rig = await make_rig(size=20, max_seen_ids=0)
+    for eid, user in [("a", "alice"), ("b", None), ("a", "alice"), ("c", "alice"), ("a", None), ("d", None)]:
+        assert not (await rig.pub(user, eid)).duplicate
+    assert ids(await rig.broker.replay(APP, "alice", "a")) == ["d"]
+    assert ids(await rig.broker.replay(APP, "alice", "b")) == ["a", "c", "a", "d"]
 
 
 async def test_a_publisher_id_equal_to_an_assigned_id_resumes_after_the_newer_event(make_rig: MakeRig) -> None:

@@ -111,6 +111,13 @@ async def test_real_answers_match_the_spec(redis_url: str) -> None:
                 check("/publish/{app}", "post", await c.post("/publish/app1", json={"data": 1}, headers=auth(pub)))
                 check("/publish/{app}", "post", await c.post("/publish/app1", content=b"x" * 70_000,
                                                              headers=auth(pub)))  # 413
+                batch = [{"user": "alice", "type": "t", "data": 1, "id": "b-1"}, {"type": "news", "data": 2}]
+                check("/publish/{app}", "post", await c.post("/publish/app1", json=batch, headers=auth(pub)))
+                again = await c.post("/publish/app1/alice", json={"type": "t", "id": "b-1"}, headers=auth(pub))
+                check("/publish/{app}/{user}", "post", again)  # a retry: 202 and Idempotent-Replayed
+                assert again.headers["Idempotent-Replayed"] == "true"
+                check("/publish/{app}", "post", await c.post("/publish/app1", json=[{"type": ""}],
+                                                             headers=auth(pub)))  # 400
                 check("/demo/token", "post", await c.post("/demo/token", json={"app": "app1", "user": "bob"}))
                 check("/demo/token", "post", await c.post("/demo/token", json={"app": "app1"}))  # 400
                 closed = await c.delete("/connections/app1/alice", headers=auth(pub))

@@ -5,7 +5,8 @@ Real HTTP against a live server on each broker, HISTORY_SIZE=5 so that trimming 
 publishes racing each reconnect so that the seam between replay and live is exercised. The model is the documented
 rule (docs/history.md), written independently of the brokers: history is the last SIZE events of each channel; a
 stream resumes after the most recent event with its Last-Event-ID; the gap is covered when neither channel had more
-than SIZE events after that one.
+than SIZE events after that one. A publish whose id was already given on the same channel is a duplicate (safe
+retries, docs/publishing.md): answered, not published.
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ class Scenario:
         self.srv = srv
         self.app = f"prop{next(_apps)}"  # a fresh app per example: no state leaks between examples
         self.pubs: list[Pub] = []
+        self.given: set[tuple[str | None, str]] = set()  # (channel, id) of every id a publisher gave so far
         self.clients = [Client(u) for u in CLIENT_USERS]
 
-    async def publish(self, target: str | None, id_kind: str | int | None) -> Pub:
+    async def publish(self, target: str | None, id_kind: str | int | None) -> Pub | None:
+        """The event published, or None for a duplicate (its id was given on that channel before)."""
         n = len(self.pubs)
         eid: str | None
         if isinstance(id_kind, int):  # reuse an earlier event's id (assigned or not): resume is after the newest
@@ -98,7 +101,12 @@ class Scenario:
         else:
             eid = f"uniq{n}" if id_kind == "uniq" else id_kind
         msg = await self.srv.services.publisher.publish(self.app, target, "t", {"n": n}, eid)
-        assert msg.id is not None
+        if eid is not None:
+            assert msg.duplicate == ((target, eid) in self.given), (target, eid)
+            self.given.add((target, eid))  # only given ids count: an assigned id reused as given is new once
+        if msg.duplicate:
+            assert msg.id == eid
+            return None
         pub = Pub(n, target, msg.id)
         self.pubs.append(pub)
         for c in self.clients:
@@ -163,6 +171,7 @@ class Scenario:
         if c.stream is None:
             return
         marker = await self.publish(c.user, None)
+        assert marker is not None  # no id: never a duplicate
         while not c.got or c.got[-1] != marker.n:
             ev = await c.stream.next_event(5)
             assert ev is not None, f"{c.user}: stream ended; got {c.got}, expected one of {c.candidates}"

@@ -114,6 +114,8 @@ async def test_bad_publish_body_is_400_naming_the_field(client: QuartClient, set
     headers = {**pub_headers(settings), "Content-Type": "application/json"}
     body = await error_body(await client.post("/publish/app1/alice", data=raw, headers=headers), 400)
     assert body["message"].startswith(f"{field}:"), body
+    if raw.startswith(b"["):
+        return  # a JSON array to POST /publish/{app} is a batch: tests/test_publish_batch.py
     body = await error_body(await client.post("/publish/app1", data=raw, headers=headers), 400)
     assert body["message"].startswith(f"{field}:"), body
 

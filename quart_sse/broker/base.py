@@ -6,11 +6,14 @@ the broker calls back `on_message(channel, message)` once per message, whatever 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..events import Message, Position
+
+#: Events in one publish_many call (one batch request, one script call on Redis).
+MAX_BATCH_EVENTS = 1000
 
 OnMessage = Callable[[str, Message], None]
 OnControl = Callable[[bytes], Coroutine[Any, Any, None]]
@@ -19,6 +22,29 @@ OnReconnect = Callable[[], None]
 
 class BrokerUnavailable(Exception):
     """The broker cannot be reached right now (Redis down); callers answer 503."""
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 4x, and a batch builds 1000 of them
+class Outgoing:
+    """One validated event to publish: `user` None is the app's broadcast; `data` is compact one-line JSON."""
+
+    user: str | None
+    id: str | None  # None: the broker assigns the event's position as its id
+    type: str
+    data: bytes
+
+
+@dataclass(slots=True)  # not frozen, as Outgoing
+class Published:
+    """What a publish did with one event: its id, and its position in history (None for a duplicate).
+
+    `duplicate`: the event carried an id already published on the same channel within HISTORY_TTL, so it was not
+    published again (safe retries, docs/publishing.md); `id` is that id, as the first publish answered.
+    """
+
+    id: str
+    pos: Position | None
+    duplicate: bool = False
 
 
 @dataclass(slots=True)
@@ -48,8 +74,13 @@ class Broker(Protocol):
         ...
 
     async def publish(self, app: str, user: str | None, event_id: str | None, event_type: str,
-                      data: bytes) -> Message:
-        """Append to history and publish live, atomically; returns the message with its final id."""
+                      data: bytes) -> Published:
+        """Append to history and publish live, atomically (or nothing, for a duplicate id); the event's final id."""
+        ...
+
+    async def publish_many(self, app: str, events: Sequence[Outgoing]) -> list[Published]:
+        """`events` (any users of `app` and its broadcast) in their order, each as `publish` would, as one atomic
+        step where the broker allows (one script call on Redis): all of them, or none when it fails."""
         ...
 
     async def replay(self, app: str, user: str, last_id: str, *, known: bool = False) -> Replay:

@@ -40,14 +40,15 @@ from .. import keys
 from ..tasks import cancel_and_wait
 from .base import OnControl, OnMessage, OnReconnect
 from .pubsub import MessageCallback, PubSubLink, _Protocol
-from .redis import PUBLISH_LUA, REPLAY_LUA, RedisBroker
+from .redis import PUBLISH_CALL, PUBLISH_LUA, REPLAY_LUA, RedisBroker
+from .seen import MAX_SEEN_IDS
 
 log = logging.getLogger("quart_sse.broker")
 
-_PUBLISH_CALL = "redis.call('PUBLISH', ARGV[1], payload)"
-assert PUBLISH_LUA.count(_PUBLISH_CALL) == 1, "the publish script changed: update its cluster variant"
-#: The same script, publishing to the sharded channel (same slot as its keys: allowed inside a script).
-CLUSTER_PUBLISH_LUA = PUBLISH_LUA.replace(_PUBLISH_CALL, "redis.call('SPUBLISH', ARGV[1], payload)")
+assert PUBLISH_LUA.count(PUBLISH_CALL) == 1, "the publish script changed: update its cluster variant"
+#: The same script, publishing to the sharded channels (same slot as its keys: allowed inside a script). One call
+#: carries a whole batch: every key and channel of one app shares the app's slot, hence one shard.
+CLUSTER_PUBLISH_LUA = PUBLISH_LUA.replace(PUBLISH_CALL, PUBLISH_CALL.replace("'PUBLISH'", "'SPUBLISH'"))
 
 #: How often the reconciler retries while a channel has no reachable owner (a failover takes about
 #: cluster-node-timeout plus an election).
@@ -225,8 +226,9 @@ class RedisClusterBroker(RedisBroker):
 
     name = "redis-cluster"
 
-    def __init__(self, url: str, instance: str, history_size: int, history_ttl: int) -> None:
-        super().__init__(url, instance, history_size, history_ttl)
+    def __init__(self, url: str, instance: str, history_size: int, history_ttl: int,
+                 *, max_seen_ids: int = MAX_SEEN_IDS) -> None:
+        super().__init__(url, instance, history_size, history_ttl, max_seen_ids=max_seen_ids)
         self._single = self.redis  # the parent's single-node client: never used, closed with us
         self.cluster = ClusterClient.from_url(url, socket_connect_timeout=2, socket_timeout=5, max_connections=512)
         self.redis = self.cluster  # type: ignore[assignment]
@@ -269,6 +271,7 @@ class RedisClusterBroker(RedisBroker):
         for waiters in self._waiters.values():
             for fut in waiters:
                 fut.cancel()
+        await self._publishes_sent()
         await self.cluster.aclose()
         await self._router.aclose()
         await self._single.aclose()

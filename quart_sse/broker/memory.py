@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 from .. import keys
 from ..events import Message, Position
-from .base import OnControl, OnMessage, OnReconnect, Replay
+from .base import OnControl, OnMessage, OnReconnect, Outgoing, Published, Replay
 from .history import MAX_LAST_EVENT_ID, as_position, covered
+from .seen import MAX_SEEN_IDS, SeenIds
 
 
 class _History:
@@ -26,9 +27,10 @@ class _History:
 class MemoryBroker:
     name = "memory"
 
-    def __init__(self, history_size: int, history_ttl: int) -> None:
+    def __init__(self, history_size: int, history_ttl: int, *, max_seen_ids: int = MAX_SEEN_IDS) -> None:
         self._size = history_size if history_ttl > 0 else 0  # either setting at 0 turns history off
         self._ttl_ms = history_ttl * 1000
+        self._seen = SeenIds(self._ttl_ms, max_seen_ids)  # safe retries: HISTORY_TTL is the window, history or not
         self._channels: set[str] = set()
         self._history: dict[str, _History] = {}
         self._seq: dict[str, tuple[int, int]] = {}
@@ -54,10 +56,12 @@ class MemoryBroker:
     def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
 
+    def _now_ms(self, app: str) -> int:
+        """The app's clock: wall time in ms, never behind its newest position (as Redis does with its TIME)."""
+        return max(int(time.time() * 1000), self._seq.get(app, (0, 0))[0])
+
     def _next_pos(self, app: str) -> Position:
-        now = int(time.time() * 1000)
-        last_ms, n = self._seq.get(app, (0, 0))
-        pos = (max(now, last_ms), n + 1)
+        pos = (self._now_ms(app), self._seq.get(app, (0, 0))[1] + 1)
         self._seq[app] = pos
         return pos
 
@@ -84,20 +88,32 @@ class MemoryBroker:
             del hists[key]
 
     async def publish(self, app: str, user: str | None, event_id: str | None, event_type: str,
-                      data: bytes) -> Message:
+                      data: bytes) -> Published:
+        return self._publish(app, Outgoing(user, event_id, event_type, data))
+
+    async def publish_many(self, app: str, events: Sequence[Outgoing]) -> list[Published]:
+        return [self._publish(app, ev) for ev in events]  # no await in between: one atomic step, as on Redis
+
+    def _publish(self, app: str, ev: Outgoing) -> Published:
+        key = keys.history_key(app, ev.user)  # names the channel in both indexes
+        seen = self._seen
+        if ev.id is not None and seen.enabled and seen.seen(key, ev.id, self._now_ms(app)):
+            return Published(ev.id, None, duplicate=True)
         pos = self._next_pos(app)
-        msg = Message.build(event_id if event_id is not None else f"{pos[0]}-{pos[1]}", event_type, data, pos)
+        msg = Message.build(ev.id if ev.id is not None else f"{pos[0]}-{pos[1]}", ev.type, ev.data, pos)
         if self._size:
-            key = keys.history_key(app, user)
             hist = self._history.pop(key, None) or _History()
             self._history[key] = hist  # the dict stays in order of each channel's newest event
             hist.entries.append(msg)
             self._trim(hist, pos[0])
             self._evict(pos[0])
-        channel = keys.broadcast_channel(app) if user is None else keys.user_channel(app, user)
+        if ev.id is not None and seen.enabled:
+            seen.add(key, ev.id, pos[0])
+        channel = keys.broadcast_channel(app) if ev.user is None else keys.user_channel(app, ev.user)
         if channel in self._channels and self._on_message is not None:
             self._on_message(channel, msg)
-        return msg
+        assert msg.id is not None
+        return Published(msg.id, pos)
 
     def _find(self, hist: _History | None, last_id: str) -> Position | None:
         """The most recent event with that id. No early stop at a position-shaped id: a publisher's id may look
