@@ -45,7 +45,8 @@ class PublishRequest(BaseModel):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str | None) -> str | None:
-        return None if v is None else check_line("id", v, MAX_ID_LEN)
+        # "" is no id, as in a raw message (docs/wire.md): a Go struct marshalled without omitempty sends it
+        return None if not v else check_line("id", v, MAX_ID_LEN)
 
 
 class BatchItem(PublishRequest):
@@ -156,9 +157,9 @@ class Publisher:
         if user is not None and not is_valid_id(user):
             raise EventError("user", "not a valid id")
         check_line("type", event_type, MAX_TYPE_LEN)
-        if event_id is not None:
+        if event_id:
             check_line("id", event_id, MAX_ID_LEN)
-        return await self.broker.publish(app, user, event_id, event_type, dump_data(data))
+        return await self.broker.publish(app, user, event_id or None, event_type, dump_data(data))
 
     async def publish_request(self, app: str, user: str | None, req: PublishRequest) -> Published:
         return await self.publish(app, user, req.type, req.data, req.id)

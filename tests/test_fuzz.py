@@ -286,7 +286,7 @@ def publish_bodies(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         body["data"] = draw(json_values | st.just("x" * (MAX_DATA_BYTES + 1)))
     if draw(st.booleans()):
-        body["id"] = draw(st.text(printable_latin1, min_size=1, max_size=20) | junk | st.just("i" * 257))
+        body["id"] = draw(st.text(printable_latin1, min_size=1, max_size=20) | junk | st.just("i" * 257) | st.just(""))
     if draw(st.integers(0, 9)) == 0:
         body[draw(any_text)] = draw(json_values)
     return orjson.dumps(body)
@@ -304,7 +304,7 @@ def _publish_ok(raw: bytes) -> dict[str, Any] | None:
     def line_ok(v: Any, n: int) -> bool:
         return isinstance(v, str) and 0 < len(v) <= n and not re.search(r"[\x00-\x1f\x7f]", v)
 
-    if not line_ok(body["type"], MAX_TYPE_LEN) or ("id" in body and body["id"] is not None
+    if not line_ok(body["type"], MAX_TYPE_LEN) or (body.get("id") not in (None, "")  # "": no id, one is assigned
                                                    and not line_ok(body["id"], MAX_ID_LEN)):
         return None
     if len(orjson.dumps(body.get("data"))) > MAX_DATA_BYTES:
@@ -345,7 +345,7 @@ async def test_fuzz_publish_bodies(fuzz_app: Any, published_ids: set[tuple[str, 
         assert r.status_code == 202, (raw[:200], body)
         frame = subs["app1/alice"].drain()
         assert not subs["app1/bob"].pending() and not subs["app2/alice"].pending()  # never outside its channel
-    given: str | None = expected.get("id")
+    given: str | None = expected.get("id") or None
     if r.headers.get("Idempotent-Replayed") == "true":
         assert given is not None and ("app1", "alice", given) in published_ids, (raw[:200], body)
         assert frame == b"" and body == {"id": given}, (raw[:200], body)
