@@ -157,9 +157,11 @@ class Publisher:
         if user is not None and not is_valid_id(user):
             raise EventError("user", "not a valid id")
         check_line("type", event_type, MAX_TYPE_LEN)
-        if event_id:
+        if event_id == "":  # no id, as on the HTTP route (docs/wire.md)
+            event_id = None
+        if event_id is not None:
             check_line("id", event_id, MAX_ID_LEN)
-        return await self.broker.publish(app, user, event_id or None, event_type, dump_data(data))
+        return await self.broker.publish(app, user, event_id, event_type, dump_data(data))
 
     async def publish_request(self, app: str, user: str | None, req: PublishRequest) -> Published:
         return await self.publish(app, user, req.type, req.data, req.id)
