@@ -266,6 +266,19 @@ async def publish(base: str, user: str, event_id: str) -> None:
     assert resp.status_code == 202, resp.text
 
 
+async def json_refusal(base: str, user: str, code: str) -> None:
+    """A client asking for JSON (`Accept: application/json`) is refused with the documented status, body and
+    `Retry-After` (docs/streams.md). `c=json` names it in a balancer's log."""
+    async with httpx.AsyncClient(timeout=15) as http, http.stream(
+            "GET", f"{base}/sse", params={"c": "json"},
+            headers={**auth(token(SETTINGS, user, APP)), "Accept": "application/json"}) as resp:
+        assert resp.status_code == (429 if code == "too_many_connections" else 503), (resp.status_code, resp.headers)
+        body = json.loads(await resp.aread())
+    assert body["error"] == code and set(body) == {"error", "message"}, body
+    assert resp.headers["content-type"].startswith("application/json")
+    assert int(resp.headers["retry-after"]) >= 1
+
+
 async def ready(proc: ServiceProcess) -> int:
     async with httpx.AsyncClient(timeout=5) as http:
         return (await http.get(f"{proc.url}/ready")).status_code
@@ -380,9 +393,12 @@ async def test_redis_down_after_a_network_blip(outage: str, services: Services, 
         else:
             redis_srv.proc.send_signal(signal.SIGSTOP)
         try:
+            asked = asyncio.ensure_future(json_refusal(lb.url, "blip-json", "unavailable"))
+            await until(lambda: lb.held("json"), 5, 0.02)
             lb.release()
             # a frozen Redis answers nothing: each refusal waits for the service's Redis time-out (5 s)
             await refused(lb, cs, "unavailable", since, n=2 if outage == "killed" else 1)
+            await asked
         finally:
             if outage == "killed":
                 redis_srv.start()  # returns once Redis answers (its AOF loaded): the condition is over
@@ -416,6 +432,7 @@ async def test_redis_down_during_a_deploy(services: Services, redis_srv: Durable
         exited = time.monotonic() - t0
         assert code == 0, a.log()[-3000:]
         a2 = await services.start(a.port)
+        await json_refusal(a2.url, "deploy-json", "unavailable")
         await refused(lb, cs, "unavailable", since, n=2)
         redis_srv.start()
         cleared = time.time()
@@ -454,6 +471,7 @@ async def test_per_user_cap_after_a_crash(services: Services, redis_srv: Durable
             assert all(scores.values()) and time.time() < min(max(e) for e in scores.values()), \
                 f"the restart took longer than REGISTRY_TTL, nothing left to test: {scores}"
             expiries = {name: max(e) for name, e in scores.items()}
+            await json_refusal(a2.url, cs["native"].user, "too_many_connections")
             await each(cs, lambda c: publish(a2.url, c.user, "c2"))
             await refused(lb, cs, "too_many_connections", since)
             backs = []
@@ -485,6 +503,7 @@ async def test_instance_full(services: Services, js: Path, tmp_path: Path) -> No
                 fillers.append(await open_stream(a.port, headers=auth(token(SETTINGS, f"filler{i}", APP))))
             assert [f.status for f in fillers] == [200] * len(CLIENTS)
             await each(cs, lambda c: publish(a.url, c.user, "f2"))
+            await json_refusal(a.url, "full-json", "instance_full")
             lb.release()
             await refused(lb, cs, "instance_full", since, n=2)
             for f in fillers:
@@ -512,10 +531,13 @@ async def test_shutting_down(services: Services, js: Path, tmp_path: Path) -> No
         since = time.time()
         lb.cut()
         await each(cs, lambda c: publish(b.url, c.user, "s2"))
+        asked = asyncio.ensure_future(json_refusal(lb.url, "stop-json", "shutting_down"))
         await _all_held(lb, cs)
+        await until(lambda: lb.held("json"), 5, 0.02)
         a.signal(signal.SIGTERM)
-        lb.release()  # a request the balancer forwarded to A as it began shutting down
+        lb.release()  # requests the balancer forwarded to A as it began shutting down
         await refused(lb, cs, "shutting_down", since)
+        await asked
         lb.release(target=b.port)  # A out of rotation
         cleared = time.time()
         await each(cs, lambda c: c.received("s2"))
