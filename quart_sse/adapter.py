@@ -97,10 +97,14 @@ class ServerAdapter:
     app is served some other way: then `take_reads` answers None and every stream takes the generator path.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, unacked_timeout: float = 60.0) -> None:
         self._open: dict[Peer, TrackedTCPServer] = {}
         self.attached = False  # a Hypercorn config of quart_sse.server serves the app
         self.problems: tuple[str, ...] = ()  # what `check()` found missing
+        #: TCP_USER_TIMEOUT of client sockets, in s: a client that vanished without a FIN or RST (a phone that
+        #: changed networks) is dropped once the stream's pings have gone unacknowledged this long. Without it the
+        #: kernel retransmits for ~15 min (tcp_retries2=15) while the stream holds its user's place at the cap.
+        self.unacked_timeout = unacked_timeout
 
     @property
     def active(self) -> bool:
@@ -187,6 +191,9 @@ class TrackedTCPServer(TCPServer):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+            if adapter is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux (tcp(7))
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(adapter.unacked_timeout * 1000))
         with contextlib.suppress(OSError):
             peer = self.writer.get_extra_info("peername")
         if adapter is not None and isinstance(peer, tuple):

@@ -49,6 +49,13 @@ def hypercorn_config(settings: Settings, sock: socket.socket | None = None,
     return cfg
 
 
+def unacked_timeout(settings: Settings) -> float:
+    """How long a client socket's data may go unacknowledged before the kernel drops it (TCP_USER_TIMEOUT): three
+    ping intervals, at least 10 s, so that a client that vanished silently frees its place within ~4 pings (90 s
+    with the default PING_INTERVAL=30) instead of the kernel's ~15 min of retransmissions."""
+    return max(10.0, 3 * settings.ping_interval)
+
+
 def _raise_nofile() -> None:
     try:
         import resource
@@ -63,7 +70,7 @@ def _raise_nofile() -> None:
 async def _serve(settings: Settings, sock: socket.socket | None) -> None:
     from .app import create_app
 
-    adapter = ServerAdapter()
+    adapter = ServerAdapter(unacked_timeout=unacked_timeout(settings))
     config = hypercorn_config(settings, sock, adapter)
     app = create_app(settings, adapter)
     services = app.extensions["quart_sse"]
