@@ -132,7 +132,7 @@ class Publisher:
                     writer.write(b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s"
                                  % (paths[u], head, len(body), body))
                     status = await self._http_response(reader)
-                    if status == 202 or status == 200:
+                    if status in (200, 201, 202):  # nchan: 201 (had subscribers) or 202
                         self.per_user[u] += 1
                     else:
                         self._error(f"HTTP {status}")
