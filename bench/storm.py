@@ -86,11 +86,14 @@ async def _http_publish_all(port: int, token: str, items: list[tuple[bytes, byte
                 path, body = items[nxt[0]]
                 nxt[0] += 1
                 writer.write(b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (path, head, len(body), body))
-                status = await Publisher._http_response(reader)
+                status, close = await Publisher._http_response(reader)
                 if status in (200, 201, 202):
                     ok[0] += 1
                 else:
                     errors[f"HTTP {status}"] += 1
+                if close:  # Hypercorn: 1,000 requests per keep-alive connection
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(LOOPBACK, port)
         finally:
             writer.close()
 
