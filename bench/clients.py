@@ -31,17 +31,21 @@ class ClientPool:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.pid is not None]
 
-    def ask(self, cmd: str, timeout: float) -> list[Any]:
+    def ask(self, cmd: str | tuple[Any, ...], timeout: float) -> list[Any]:
         """Send `cmd` to every worker and wait for all replies; a worker's exception comes back as an error."""
-        for conn in self.conns:
+        return self.ask_each([cmd] * len(self.conns), timeout)
+
+    def ask_each(self, cmds: list[str | tuple[Any, ...]], timeout: float) -> list[Any]:
+        """Send `cmds[i]` to worker i and wait for all replies."""
+        for conn, cmd in zip(self.conns, cmds, strict=True):
             conn.send(cmd)
         replies = []
         for i, conn in enumerate(self.conns):
             if not conn.poll(timeout):
-                raise TimeoutError(f"client {i} did not answer {cmd!r} within {timeout:.0f}s")
+                raise TimeoutError(f"client {i} did not answer {str(cmds[i])[:60]} within {timeout:.0f}s")
             _, reply = conn.recv()
             if isinstance(reply, dict) and "error" in reply:
-                raise RuntimeError(f"client {i} failed on {cmd!r}: {reply['error']}")
+                raise RuntimeError(f"client {i} failed on {str(cmds[i])[:60]}: {reply['error']}")
             replies.append(reply)
         return replies
 

@@ -131,11 +131,14 @@ class Publisher:
                     body = b'{"type":"bench","data":%s}' % _data(n)
                     writer.write(b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s"
                                  % (paths[u], head, len(body), body))
-                    status = await self._http_response(reader)
-                    if status == 202 or status == 200:
+                    status, close = await self._http_response(reader)
+                    if status in (200, 201, 202):  # nchan: 201 (had subscribers) or 202
                         self.per_user[u] += 1
                     else:
                         self._error(f"HTTP {status}")
+                    if close:  # Hypercorn ends a keep-alive connection after 1,000 requests (keep_alive_max_requests)
+                        writer.close()
+                        reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
             finally:
                 writer.close()
 
@@ -145,7 +148,8 @@ class Publisher:
                 self._error(f"{type(r).__name__}: {r}")
 
     @staticmethod
-    async def _http_response(reader: asyncio.StreamReader) -> int:
+    async def _http_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+        """(status, whether the server closes the connection after this response)."""
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         low = head.lower()
@@ -155,7 +159,7 @@ class Publisher:
             await reader.readexactly(length)
         elif b"transfer-encoding: chunked" in low:
             await reader.readuntil(b"0\r\n\r\n")
-        return status
+        return status, b"connection: close" in low
 
     async def run(self) -> dict[str, Any]:
         c0, w0 = os.times(), time.monotonic()

@@ -11,6 +11,8 @@ from bench.scenarios import RATIO_KEYS, dig
 
 # (label, dotted path into a target's result, format)
 ROWS: list[tuple[str, str, str]] = [
+    ("verifies on connect", "verifies", "{}"),
+    ("publish via", "publish_via", "{}"),
     ("server processes", "server_procs", "{:.0f}"),
     ("broker", "broker", "{}"),
     ("client processes", "clients", "{:.0f}"),
@@ -46,6 +48,39 @@ ROWS: list[tuple[str, str, str]] = [
     ("churn connect p99 (ms)", "churn.p99_ms", "{:.1f}"),
     ("churn failed", "churn.failed", "{:.0f}"),
     ("churn skipped (client cap)", "churn.skipped", "{:.0f}"),
+    # storm (bench/storm.py)
+    ("resume setup: streams", "setup.ok", "{:.0f}"),
+    ("resume setup: events published", "setup.published", "{:.0f}"),
+    ("resume setup: streams dropped", "setup.stopped", "{:.0f}"),
+    ("storm streams", "storm.streams", "{:.0f}"),
+    ("storm streams connected", "storm.ok", "{:.0f}"),
+    ("storm failed", "storm.failed", "{:.0f}"),
+    ("  refused", "storm.refused", "{:.0f}"),
+    ("  reset", "storm.reset", "{:.0f}"),
+    ("  closed unanswered", "storm.closed_unanswered", "{:.0f}"),
+    ("  timed out", "storm.timeout", "{:.0f}"),
+    ("connects launched within (s)", "storm.launch_spread_s", "{:.2f}"),
+    ("TIME UNTIL ALL LIVE (s)", "storm.all_live_s", "{:.2f}"),
+    ("storm connect p50 (ms)", "storm.p50_ms", "{:.0f}"),
+    ("storm connect p99 (ms)", "storm.p99_ms", "{:.0f}"),
+    ("storm connect max (ms)", "storm.max_ms", "{:.0f}"),
+    ("NEW STREAMS PER SERVER CPU-s", "server.streams_per_cpu_s", "{:.0f}"),
+    ("server CPU per stream (ms)", "server.cpu_ms_per_stream", "{:.3f}"),
+    ("streams that needed retransmits", "storm.retrans_streams", "{:.0f}"),
+    ("  retransmitted segments", "storm.retrans_total", "{:.0f}"),
+    ("listen overflows (kernel, all)", "kernel.ListenOverflows", "{:.0f}"),
+    ("listen drops (kernel, all)", "kernel.ListenDrops", "{:.0f}"),
+    ("SYN queue full drops (kernel, all)", "kernel.TCPReqQFullDrop", "{:.0f}"),
+    ("SYN cookies sent (kernel, all)", "kernel.SyncookiesSent", "{:.0f}"),
+    ("probe received by", "live.probe_received", "{:.0f}"),
+    ("streams not live", "live.not_live", "{:.0f}"),
+    ("resumed streams exact", "verify.exact", "{:.0f}"),
+    ("events missed while away", "verify.missed_events", "{:.0f}"),
+    ("  lost", "verify.lost_events", "{:.0f}"),
+    ("  doubled", "verify.doubled_events", "{:.0f}"),
+    ("  streams out of order", "verify.streams_out_of_order", "{:.0f}"),
+    ("  reset frames", "verify.resets", "{:.0f}"),
+    ("  not verified (setup failed)", "verify.no_resume_point", "{:.0f}"),
     ("server CPU (s)", "server.cpu_s", "{:.2f}"),
     ("server CPU (%)", "server.cpu_pct", "{:.1f}"),
     ("redis CPU (s)", "server.redis_cpu_s", "{:.2f}"),
@@ -71,23 +106,35 @@ def table(result: dict[str, Any]) -> str:
     """Rows of figures, one column per target, plus ours/baseline where both ran."""
     targets: dict[str, Any] = result["targets"]
     names = list(targets)
-    ratio: dict[str, float] = result.get("ratio_ours_to_baseline") or result.get("ratio", {})
-    cols = [*names, result.get("ratio_label", "ours/baseline")] if ratio else names
+    # one ratio column per peer: ours/baseline, ours/nchan (or the workers scenario's N/1)
+    ratio_cols: dict[str, dict[str, float]] = dict(result.get("ratios") or {})
+    if not ratio_cols and result.get("ratio"):
+        ratio_cols = {result.get("ratio_label", "ours/baseline"): result["ratio"]}
+    ratio: dict[str, float] = next(iter(ratio_cols.values()), {})
+    heads = [f"{n}*" if n == "nchan" else n for n in names]
+    cols = [*heads, *ratio_cols]
     lines = [f"scenario: {result['scenario']}   publish via: {result['publish']}   "
              f"server workers: {result['server_workers']}   server cpu: {result['server_cpu'] or 'any'}"]
-    head = f"{'':34}" + "".join(f"{c:>16}" for c in cols)
+    head = f"{'':34}" + "".join(f"{c:>17}" for c in cols)
     lines += [head, "-" * len(head)]
     for label, path, fmt in ROWS:
         vals = [dig(targets[n], path) for n in names]
         if all(v is None for v in vals):
             continue
-        row = f"{label:34}" + "".join(f"{_fmt(v, fmt):>16}" for v in vals)
-        if ratio:
-            r = ratio.get(path)
-            row += f"{(f'{r:.2f}x' if r is not None else ''):>16}"
+        row = f"{label:34}" + "".join(f"{_fmt(v, fmt):>17}" for v in vals)
+        for rc in ratio_cols.values():
+            r = rc.get(path)
+            row += f"{(f'{r:.2f}x' if r is not None else ''):>17}"
         lines.append(row)
+    if "nchan" in names:
+        lines.append("* nchan checks NO JWT (streams keyed by a header, anyone may subscribe); ours and the baseline "
+                     "verify an HS256 token on every stream")
     for name in names:
         t = targets[name]
+        if dig(t, "storm.failures"):
+            lines.append(f"{name} storm failures: {t['storm']['failures']}")
+        for ex in dig(t, "verify.examples") or []:
+            lines.append(f"{name} resume mismatch: {ex}")
         if t.get("connect", {}).get("reasons"):
             lines.append(f"{name} connect failures: {t['connect']['reasons']}")
         if dig(t, "events.publish_errors"):
@@ -99,8 +146,9 @@ def table(result: dict[str, Any]) -> str:
                      "(target: >= 1.7x; the clients, Redis and the publisher share the CPUs given)")
     elif "server.events_per_cpu_s" in ratio and "ours" in targets:
         o = targets["ours"]["server"]["events_per_cpu_s"]
-        lines.append(f"key figure: ours delivers {o:.0f} events per server CPU-second, "
-                     f"{ratio['server.events_per_cpu_s']:.2f}x the baseline")
+        peers = ", ".join(f"{rc['server.events_per_cpu_s']:.2f}x {label.split('/')[1]}"
+                          for label, rc in ratio_cols.items() if "server.events_per_cpu_s" in rc)
+        lines.append(f"key figure: ours delivers {o:.0f} events per server CPU-second: {peers}")
     if "client" in next(iter(targets.values()), {}):
         busiest = max((dig(t, "client.cpu_pct_max") or 0) for t in targets.values())
         if busiest > 85:
@@ -108,6 +156,7 @@ def table(result: dict[str, Any]) -> str:
                          "(add --clients or --client-cpu)")
     lines += [f"note: {n}" for n in result.get("notes", [])]
     lines += [f"ratio direction: {k}: {d}" for k, d in RATIO_KEYS if k in ratio and k.endswith(("ms", "kb", "pct"))]
+    lines += [f"key figure: {line}" for line in result.get("key_figures", [])]
     return "\n".join(lines)
 
 

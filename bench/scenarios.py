@@ -21,16 +21,38 @@ from bench.server import (
     LOOPBACK,
     Server,
     ServerOptions,
+    nchan_missing,
     raise_nofile,
     redis_url_port,
     start_baseline,
+    start_nchan,
     start_ours,
     start_redis,
 )
 from bench.sse_client import WorkerConfig
 
 SCENARIOS = ("hold", "unicast", "broadcast", "churn")
-TARGETS = ("ours", "baseline")
+TARGETS = ("ours", "baseline", "nchan")
+# what each target checks on a stream request: nchan checks nothing (no JWT), which its figures must say
+VERIFIES = {"ours": "JWT (HS256)", "baseline": "JWT (PyJWT)", "nchan": "NOTHING (no JWT)"}
+NCHAN_NOTE = ("nchan (nginx + nchan, one worker) checks no JWT: its streams are keyed by an X-Bench-User header and "
+              "anyone may subscribe; its publishes go to its HTTP publisher location")
+
+
+def resolve_targets(choice: str) -> tuple[list[str], list[str]]:
+    """`--target` to the targets to run, and notes to print: `all` (the default) is ours, the baseline and nchan
+    when nginx + nchan are installed (else a note says why it is left out); `both` is ours and the baseline."""
+    if choice in TARGETS:
+        if choice == "nchan" and (missing := nchan_missing()):
+            raise SystemExit(f"--target nchan: {missing}")
+        return [choice], []
+    targets = ["ours", "baseline"]
+    if choice == "both":
+        return targets, []
+    missing = nchan_missing()
+    if missing:
+        return targets, [f"nchan NOT RUN: {missing}"]
+    return [*targets, "nchan"], []
 
 
 @dataclass
@@ -58,6 +80,12 @@ class Params:
     use_uvloop: bool = True
     count_only: bool = False  # clients count events without parsing them (no latency figures)
     read_batch_ms: float = 0.0  # clients read every this many ms (a cheap client: see sse_client.Worker._throttle)
+    # storm (bench/storm.py)
+    rounds: int = 4  # resume: events published per user; stream i reads 1 + i mod (rounds-1) before it drops
+    storm_timeout: float = 60.0  # seconds a storm connect may take before it counts as a failure
+    profile_dir: str | None = None  # py-spy records our server during the storm into this folder
+    profile_native: bool = False  # py-spy --native (C frames too; pauses the process to sample)
+    baseline_max_streams: int = 9000  # the baseline cannot hold more (two fds per stream)
 
     def stream_users(self) -> list[str]:
         """The user of each stream: unicast users get `per_user` streams each; hold/broadcast one user per stream."""
@@ -104,9 +132,18 @@ def _dist_ms(raw: list[bytes]) -> dict[str, float]:
             "max_ms": (s[-1] * 1e3) if s else float("nan")}
 
 
+def publish_via(target: str, env: Env) -> str:
+    """How this target's events are published in this run (printed per target: the paths differ)."""
+    if target == "nchan":
+        return "HTTP (nchan pub)"
+    return "redis PUBLISH" if env.publish == "redis" else "HTTP POST"
+
+
 def _start_target(target: str, env: Env) -> Server:
     if target == "ours":
         return start_ours(env.opts, env.redis_url if env.ours_redis else None)
+    if target == "nchan":
+        return start_nchan(env.opts)
     assert env.redis_url is not None
     return start_baseline(env.opts, env.redis_url)
 
@@ -115,10 +152,12 @@ def run_target(target: str, p: Params, env: Env) -> dict[str, Any]:
     """Start `target`, run scenario `p` against it, stop it; the figures as a flat-ish dict."""
     server = _start_target(target, env)
     pool: ClientPool | None = None
-    uses_redis = target == "baseline" or env.ours_redis
+    uses_redis = target == "baseline" or (target == "ours" and env.ours_redis)
     redis = env.redis if uses_redis else None  # only a Redis we started, and only when this target talks to it
-    out: dict[str, Any] = {"target": target, "broker": "redis" if uses_redis else "memory",
-                           "server_procs": server.nprocs()}
+    out: dict[str, Any] = {"target": target,
+                           "broker": "nchan (memory)" if target == "nchan" else "redis" if uses_redis else "memory",
+                           "server_procs": server.nprocs(), "verifies": VERIFIES[target],
+                           "publish_via": publish_via(target, env)}
     try:
         time.sleep(0.3)
         rss0, rrss0 = server.rss_kb(), redis.rss_kb() if redis else 0
@@ -154,7 +193,7 @@ def run_target(target: str, p: Params, env: Env) -> dict[str, Any]:
         if p.scenario == "hold":
             out.update(_hold_window(p, server, pool, redis, env.opts.ping_interval))
         else:
-            out.update(_traffic_window(p, env, server, pool, users, failed_users, redis))
+            out.update(_traffic_window(p, env, server, pool, users, failed_users, redis, target))
         out["server_rss"]["end_kb"] = server.rss_kb()
         if not server.alive():
             raise RuntimeError(f"{target} died during the run:\n{server.log_tail()}")
@@ -196,17 +235,18 @@ def _hold_window(p: Params, server: Server, pool: ClientPool, redis: Server | No
 
 
 def _traffic_window(p: Params, env: Env, server: Server, pool: ClientPool, users: list[str],
-                    failed_users: Counter[str], redis: Server | None) -> dict[str, Any]:
+                    failed_users: Counter[str], redis: Server | None, target: str = "ours") -> dict[str, Any]:
     """Publish for `duration`, drain, and turn counters into rates, loss, latency and events per CPU-second."""
     broadcast = p.scenario == "broadcast"
     pub_users = None if broadcast else [f"u{i}" for i in range(p.users)]
     total_rate = p.rate if broadcast else p.rate * p.users
-    if env.publish == "redis":
+    mode = "http" if target == "nchan" else env.publish  # nchan has no Redis: its HTTP publisher location
+    if mode == "redis":
         assert env.redis_url is not None
         host, port = redis_url_port(env.redis_url)
     else:
         host, port = LOOPBACK, server.port
-    pcfg = PublisherConfig(env.publish, host, port, p.app, env.opts.secret, pub_users, total_rate, p.duration,
+    pcfg = PublisherConfig(mode, host, port, p.app, env.opts.secret, pub_users, total_rate, p.duration,
                            p.pub_conns, p.client_cpu)
     parent, child = CTX.Pipe()
     pub = CTX.Process(target=publisher_main, args=(pcfg, child), name="bench-publisher", daemon=True)
@@ -296,9 +336,10 @@ def dig(d: dict[str, Any], path: str) -> Any:
     return d
 
 
-def ratios(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+def ratios(ours: dict[str, Any], base: dict[str, Any],
+           keys: list[tuple[str, str]] | None = None) -> dict[str, float]:
     out = {}
-    for key, _ in RATIO_KEYS:
+    for key, _ in keys or RATIO_KEYS:
         a, b = dig(ours, key), dig(base, key)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b and not math.isnan(b):
             out[key] = a / b
@@ -339,10 +380,19 @@ def run(p: Params, targets: list[str], redis_url: str | None = None, opts: Serve
     finally:
         if env.redis is not None:
             env.redis.stop(keep_log=opts.keep_logs)
-    t = result["targets"]
-    if "ours" in t and "baseline" in t:
-        result["ratio_ours_to_baseline"] = ratios(t["ours"], t["baseline"])
+    add_ratios(result)
+    if "nchan" in targets:
+        env.notes.append(NCHAN_NOTE)
     return result
+
+
+def add_ratios(result: dict[str, Any], keys: list[tuple[str, str]] | None = None) -> None:
+    """`ratios`: ours / each peer that ran (`ours/baseline`, `ours/nchan`); `ratio_ours_to_baseline` kept as is."""
+    t = result["targets"]
+    result["ratios"] = {f"ours/{peer}": ratios(t["ours"], t[peer], keys) for peer in ("baseline", "nchan")
+                        if "ours" in t and peer in t}
+    if "ours/baseline" in result["ratios"]:
+        result["ratio_ours_to_baseline"] = result["ratios"]["ours/baseline"]
 
 
 def run_workers(p: Params, redis_url: str | None, opts: ServerOptions) -> dict[str, Any]:

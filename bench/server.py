@@ -11,6 +11,7 @@ import http.client
 import os
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,6 +110,7 @@ class Server:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    workdir: Path | None = None  # removed by stop() (nginx's prefix: config, pid, temp paths)
 
     @property
     def pid(self) -> int:
@@ -146,12 +148,16 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
         if not keep_log:
             self.log_path.unlink(missing_ok=True)
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _spawn(name: str, argv: list[str], env: dict[str, str], port: int, cpu: str | None) -> Server:
+def _spawn(name: str, argv: list[str], env: dict[str, str], port: int, cpu: str | None,
+           log: Path | None = None) -> Server:
     if cpu is not None:
         argv = ["taskset", "-c", cpu, *argv]
-    log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
+    if log is None:
+        log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
     full_env = {**os.environ, **env}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     with log.open("wb") as out:
@@ -258,5 +264,55 @@ def start_baseline(opts: ServerOptions, redis_url: str) -> Server:
     argv = [sys.executable, "-m", "hypercorn", "bench.baseline_app:app", "--bind", f"{LOOPBACK}:{port}",
             "--workers", str(opts.workers)]
     server = _spawn("baseline", argv, env, port, opts.cpu)
+    _wait(server, lambda: http_ok(port), opts.start_timeout)
+    return server
+
+
+# --- nginx + nchan, the reference peer -----------------------------------------------------------------------
+
+NGINX = "/usr/sbin/nginx"
+NCHAN_MODULE = Path("/usr/share/nginx/modules/ngx_nchan_module.so")
+NCHAN_TEMPLATE = Path(__file__).resolve().parent / "nchan.conf.template"
+
+
+def nchan_missing() -> str | None:
+    """Why nchan cannot run here (None when it can): Debian's `nginx-light` and `libnginx-mod-nchan`."""
+    if not Path(NGINX).is_file():
+        return f"{NGINX} not found (apt-get install nginx-light libnginx-mod-nchan)"
+    if not NCHAN_MODULE.is_file():
+        return f"{NCHAN_MODULE} not found (apt-get install libnginx-mod-nchan)"
+    return None
+
+
+def render_nchan_conf(prefix: Path, port: int, *, ping_interval: float, backlog: int, history: int,
+                      nofile: int) -> str:
+    """The nginx.conf of `nchan.conf.template` for one run: one worker, loopback `port`, `history` messages kept
+    per channel (for Last-Event-ID), pings every `ping_interval` s, listen backlog `backlog` (ours: 2048)."""
+    values = {"PREFIX": str(prefix), "PORT": str(port), "BACKLOG": str(backlog), "NOFILE": str(nofile),
+              "CONNECTIONS": str(max(1024, nofile - 64)), "SHM": "512M", "HISTORY": str(max(1, history)),
+              "PING": str(max(1, round(ping_interval)))}
+    text = NCHAN_TEMPLATE.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    return text
+
+
+def start_nchan(opts: ServerOptions, history: int = 100, backlog: int = 2048) -> Server:
+    """nginx + nchan in the foreground (`daemon off`: the harness owns the master, whose tree holds the worker)."""
+    missing = nchan_missing()
+    if missing:
+        raise RuntimeError(f"nchan is not installed: {missing}")
+    port = free_port()
+    prefix = Path(tempfile.mkdtemp(prefix="bench-nchan-"))
+    conf = prefix / "nginx.conf"
+    # nginx's master runs as root and raises its worker's limit itself: room for 19,000 streams plus the
+    # connections it counts while they close (at 20,000 it logged "worker_connections are not enough, reusing
+    # connections" and closed some of a 19,000-client storm unanswered)
+    nofile = 65536
+    conf.write_text(render_nchan_conf(prefix, port, ping_interval=opts.ping_interval, backlog=backlog,
+                                      history=history, nofile=nofile))
+    argv = [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    server = _spawn("nchan", argv, {}, port, opts.cpu, log=prefix / "error.log")
+    server.workdir = prefix
     _wait(server, lambda: http_ok(port), opts.start_timeout)
     return server

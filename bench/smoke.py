@@ -1,4 +1,5 @@
-"""A few-second run against the baseline and ours that CI can afford: are all the figures produced?
+"""A few-second run against ours, the baseline and nchan (when installed) that CI can afford: are all the figures
+produced? A small unicast run, a 200-stream storm (fresh and resuming) and a short Redis ceiling.
 
 `run(timeout)` is for a pytest test: it runs `python -m bench smoke` in its own process group (so a hang is killed
 with every server it started) and returns the parsed result, with `ok` and `problems`.
@@ -16,15 +17,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench import ceiling
 from bench.scenarios import Params, dig
 from bench.scenarios import run as run_scenario
 from bench.server import PROJECT_ROOT, ServerOptions
+from bench.storm import run_storm
 
 # 50 streams, 250 deliveries/s for 2 s: enough to exercise connect, publish, fan-out, latency and /proc readings.
 SMOKE_PARAMS = Params(scenario="unicast", users=25, per_user=2, rate=5.0, duration=2.0, drain=3.0, settle=0.3,
                       clients=1, connect_timeout=10.0)
 REQUIRED = ("connect.ok", "server_rss.per_stream_kb", "events.delivered", "events.p99_ms", "events.delivered_per_s",
             "server.events_per_cpu_s", "client.cpu_pct_max")
+
+
+# 200 clients at once, then 200 resuming after 3 events each published while they were away (1 or 2 seen)
+SMOKE_STORM = Params(scenario="storm", streams=200, rounds=3, clients=2, connect_timeout=10.0, storm_timeout=20.0,
+                     settle=0.3)
+STORM_REQUIRED = ("storm.ok", "storm.all_live_s", "storm.p99_ms", "server_rss.per_stream_kb", "kernel.ListenOverflows",
+                  "live.probe_received", "verify.exact")
 
 
 class SmokeError(RuntimeError):
@@ -47,18 +57,40 @@ def problems(result: dict[str, Any], targets: tuple[str, ...] = ("ours", "baseli
             out.append(f"{t}: {fig['connect']['failed']} streams failed to connect")
         if not dig(fig, "events.delivered"):
             out.append(f"{t}: no event delivered")
+    for variant, res in result.get("storm", {}).items():
+        out += [f"storm {variant} {t}: {err}" for t, err in res.get("errors", {}).items()]
+        for t in targets:
+            if variant == "resume" and t == "baseline":
+                continue  # it keeps no history
+            fig = res.get("targets", {}).get(t)
+            if fig is None:
+                out.append(f"storm {variant} {t}: no figures")
+                continue
+            out += [f"storm {variant} {t}: {key} missing" for key in STORM_REQUIRED
+                    if not isinstance(dig(fig, key), (int, float))]
+            n = fig["storm"]["streams"]
+            if fig["storm"]["ok"] != n or fig["verify"]["exact"] != n or fig["live"]["not_live"]:
+                out.append(f"storm {variant} {t}: {fig['storm']['ok']}/{n} connected, {fig['verify']['exact']} exact, "
+                           f"{fig['live']['not_live']} not live: {fig['verify']['examples']}")
+            if t == "ours" and not isinstance(dig(fig, "server.streams_per_cpu_s"), (int, float)):
+                out.append(f"storm {variant} ours: no new streams per CPU-second")
+    for m in result.get("ceiling", {}).get("modes", []):
+        if not m["ok"] or m["errors"]:
+            out.append(f"ceiling {m['mode']}: {m['ok']} publishes, errors {m['errors']}")
     return out
 
 
 def run_inline(opts: ServerOptions | None = None, targets: tuple[str, ...] = ("ours", "baseline")) -> dict[str, Any]:
     """The smoke scenario in this process (what `python -m bench smoke` calls)."""
     result = run_scenario(SMOKE_PARAMS, list(targets), None, opts)
+    result["storm"] = run_storm(SMOKE_STORM, list(targets), None, opts)
+    result["ceiling"] = ceiling.run_ceiling(duration=0.5, users=100, modes=("raw1", "rawpipe", "py1"))
     result["problems"] = problems(result, targets)
     result["ok"] = not result["problems"]
     return result
 
 
-def run(timeout: float = 120.0, ours_cmd: str | None = None) -> dict[str, Any]:
+def run(timeout: float = 150.0, ours_cmd: str | None = None) -> dict[str, Any]:
     """Run the smoke in a child process group; raise SmokeError on timeout or when no result came back."""
     with tempfile.TemporaryDirectory(prefix="bench-smoke-") as tmp:
         out = Path(tmp) / "smoke.json"

@@ -191,9 +191,12 @@ class SSEStream(asyncio.Protocol):
             del buf[:start]
 
 
-def sse_request(host: str, port: int, token: str) -> bytes:
-    return (f"GET /sse HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
-            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n").encode()
+def sse_request(host: str, port: int, token: str, user: str, last_id: str | None = None) -> bytes:
+    """GET /sse with the user's token; `X-Bench-User` names the user for nchan, which checks no token (our service
+    and the baseline ignore the header); `Last-Event-ID` when resuming."""
+    resume = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
+    return (f"GET /sse HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\nX-Bench-User: {user}\r\n"
+            f"{resume}Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n").encode()
 
 
 @dataclass
@@ -229,6 +232,10 @@ class Worker:
         self.cpu0 = 0.0
         self.wall0 = 0.0
         self.throttle: asyncio.Handle | None = None
+        from bench.storm_client import StormSide  # the storm's streams (imported here: it builds on this module)
+
+        self.storm = StormSide(self)
+        self.storm_stop_after: list[int] = [0] * len(cfg.users)  # storm setup: events each stream reads first
 
     def _throttle(self) -> None:
         """Block the loop for `read_batch_ms` once per iteration: events pile up in the kernel and each read takes
@@ -246,7 +253,7 @@ class Worker:
     async def open_stream(self, user: str, timeout: float) -> SSEStream:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
-        req = sse_request(self.cfg.host, self.cfg.port, self._token(user))
+        req = sse_request(self.cfg.host, self.cfg.port, self._token(user), user)
         proto = SSEStream(self.stats, req, ready, bool(self.cfg.extra.get("count_only")))
         try:
             await asyncio.wait_for(loop.create_connection(lambda: proto, self.cfg.host, self.cfg.port), timeout)
@@ -326,7 +333,9 @@ class Worker:
         t = os.times()
         return t.user + t.system
 
-    async def handle(self, cmd: str) -> Any:
+    async def handle(self, cmd: str | tuple[Any, ...]) -> Any:
+        if isinstance(cmd, tuple):
+            return await self.storm.handle(cmd)
         if cmd == "connect":
             return await self.connect_all()
         if cmd == "start":
@@ -358,13 +367,14 @@ class Worker:
         if cmd == "close":
             for proto in self.streams:
                 proto.close()
+            self.storm.close()
             await asyncio.sleep(0.05)
             return "closed"
         raise ValueError(f"unknown command {cmd!r}")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[str] = asyncio.Queue()
+        inbox: asyncio.Queue[str | tuple[Any, ...]] = asyncio.Queue()
         loop.add_reader(self.conn.fileno(), lambda: inbox.put_nowait(self.conn.recv()))
         while True:
             cmd = await inbox.get()
