@@ -29,9 +29,12 @@ import asyncio
 import contextlib
 import contextvars
 import enum
+import fcntl
 import inspect
 import logging
 import socket
+import struct
+import termios
 import types
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +52,8 @@ HIGH_WATER = 64 * 1024  # a transport's write buffer above this pauses writers (
 #: (net.ipv4.tcp_wmem), all of it taken by a client that stopped reading before the stream's own bounded queue
 #: even starts to fill; 64 KiB still carries >1 MB/s per stream at 100 ms round trip.
 SNDBUF = 64 * 1024
+#: How long a connection whose request has arrived but not been read yet may wait for the loop (`_idle_timeout`).
+FIRST_REQUEST_TIMEOUT = 30.0
 _CONFIG_ATTR = "quart_sse_adapter"
 _STREAM_ENDED = "quart_sse: the event stream ended, and so does the connection's read loop"
 
@@ -236,6 +241,36 @@ class TrackedTCPServer(TCPServer):
         self.reader.feed_eof()  # Hypercorn's read loop ends; its connection objects are let go
         return True
 
+    async def _idle_timeout(self) -> None:
+        """Hypercorn's idle timer (keep_alive_timeout from accept, and between requests), except that a connection
+        whose bytes are waiting to be read is not idle: in a reconnect storm the loop is seconds behind, and closing
+        a connection whose request already arrived would make our lateness the client's failure (a closed stream
+        an EventSource may not retry). Such a connection gets up to FIRST_REQUEST_TIMEOUT; a client that sends
+        nothing, or drips its headers, is still cut at keep_alive_timeout (slowloris)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_REQUEST_TIMEOUT
+        while True:
+            try:
+                await asyncio.wait_for(self.context.terminated.wait(), self.config.keep_alive_timeout)
+            except TimeoutError:
+                if loop.time() < deadline and self._unread():
+                    continue
+            break
+        await asyncio.shield(self._initiate_server_close())
+
+    def _unread(self) -> bool:
+        """Bytes the client sent that this process has not handled yet: in the kernel, or in the reader's buffer."""
+        if getattr(self.reader, "_buffer", None):
+            return True
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            waiting: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+            return waiting > 0
+        except OSError:
+            return False
+
     async def protocol_send(self, event: Event) -> None:
         """Hypercorn takes a lock and awaits `drain()` for every chunk; an SSE stream writes many small chunks.
 
@@ -324,6 +359,14 @@ INTERNALS: tuple[tuple[str, Callable[[], str | None]], ...] = (
      lambda: None if list(inspect.signature(TCPServer.protocol_send).parameters) == ["self", "event"]
      and "protocol_send" in _assigned_attributes(TCPServer.run)
      else "TCPServer.protocol_send is gone or no longer handed to the protocol"),
+    ("TCPServer._idle_timeout() closes an idle connection through _initiate_server_close()",
+     lambda: None if "_initiate_server_close" in _assigned_attributes(TCPServer._idle_timeout)
+     and {"context", "config"} <= _assigned_attributes(TCPServer._idle_timeout)
+     and "_idle_timeout" in _assigned_attributes(TCPServer.run)
+     else "TCPServer._idle_timeout is gone or no longer closes through _initiate_server_close"),
+    ("asyncio.StreamReader keeps what it read and nobody consumed in _buffer",
+     lambda: None if "_buffer" in _assigned_attributes(asyncio.StreamReader.__init__)
+     else "asyncio.StreamReader has no _buffer: a storm's unread requests are not seen by the idle timer"),
     ("hypercorn.events RawData(data) and Closed()",
      lambda: None if hasattr(RawData, "data") or "data" in getattr(RawData, "__dataclass_fields__", {})
      else "hypercorn.events.RawData has no data field"),

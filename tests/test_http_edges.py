@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -180,3 +181,35 @@ async def test_sigterm_exits_0_within_10_s_over_h2c(service_factory: Any, readin
 async def _listed(http: httpx.AsyncClient, user: str) -> bool:
     r = await http.get(f"/connections/{APP}/{user}", headers=auth(token(SETTINGS, user, APP)))
     return bool(r.json())
+
+
+# ------------------------------------------------------------------------------------------------ a busy loop
+@pytest.mark.slow
+async def test_requests_that_waited_for_a_stalled_process_are_answered(service_factory: Any) -> None:
+    """A reconnect storm keeps the loop seconds behind: connections whose requests arrived meanwhile must be
+    answered, not cut by Hypercorn's idle timer, which runs from accept (keep_alive_timeout, 5 s) and, under uvloop,
+    fires before the loop polls for their bytes (adapter.TrackedTCPServer._idle_timeout). The process is stopped
+    (SIGSTOP) past that timer with 20 accepted connections, their requests sent meanwhile."""
+    proc: ServiceProcess = await service_factory()
+    conns = [await asyncio.open_connection("127.0.0.1", proc.port) for _ in range(20)]
+    await asyncio.sleep(0.3)  # accepted: their idle timers run
+    proc.signal(signal.SIGSTOP)
+    try:
+        for _, writer in conns:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.sleep(6.5)  # past keep_alive_timeout, the requests waiting in the kernel
+    finally:
+        proc.signal(signal.SIGCONT)
+    answered = 0
+    for reader, writer in conns:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError, IndexError):
+            status, _ = await _read_head(reader)
+            answered += status == 200
+        writer.close()
+    assert answered == 20, answered
+    # an idle connection that sends nothing is still cut at keep_alive_timeout (slowloris)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    assert 4 < time.monotonic() - t0 < 7
+    writer.close()
