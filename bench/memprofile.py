@@ -30,7 +30,9 @@ async def _profile(streams: int, handoff: bool, top: int) -> None:
                              stream_handoff=handoff, redis_url=None, redis_host=None)
     app = create_app(settings)
     stop = asyncio.Event()
-    config = server.hypercorn_config(settings, adapter=app.extensions["quart_sse"].adapter)
+    adapter = app.extensions["quart_sse"].adapter
+    sock = server.listen_socket(settings)
+    config = server.hypercorn_config(settings, sock, adapter=adapter)
     task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     await asyncio.sleep(0.5)
     gc.collect()

@@ -32,7 +32,6 @@ import enum
 import fcntl
 import inspect
 import logging
-import socket
 import struct
 import termios
 import types
@@ -48,10 +47,6 @@ log = logging.getLogger("quart_sse.adapter")
 
 Peer = tuple[str, int]
 HIGH_WATER = 64 * 1024  # a transport's write buffer above this pauses writers (asyncio's and uvloop's default)
-#: The kernel's send buffer per client socket (Linux doubles it). Left to autotuning it grows to megabytes
-#: (net.ipv4.tcp_wmem), all of it taken by a client that stopped reading before the stream's own bounded queue
-#: even starts to fill; 64 KiB still carries >1 MB/s per stream at 100 ms round trip.
-SNDBUF = 64 * 1024
 #: How long a connection whose request has arrived but not been read yet may wait for the loop (`_idle_timeout`).
 FIRST_REQUEST_TIMEOUT = 30.0
 _CONFIG_ATTR = "quart_sse_adapter"
@@ -102,14 +97,10 @@ class ServerAdapter:
     app is served some other way: then `take_reads` answers None and every stream takes the generator path.
     """
 
-    def __init__(self, unacked_timeout: float = 60.0) -> None:
+    def __init__(self) -> None:
         self._open: dict[Peer, TrackedTCPServer] = {}
         self.attached = False  # a Hypercorn config of quart_sse.server serves the app
         self.problems: tuple[str, ...] = ()  # what `check()` found missing
-        #: TCP_USER_TIMEOUT of client sockets, in s: a client that vanished without a FIN or RST (a phone that
-        #: changed networks) is dropped once the stream's pings have gone unacknowledged this long. Without it the
-        #: kernel retransmits for ~15 min (tcp_retries2=15) while the stream holds its user's place at the cap.
-        self.unacked_timeout = unacked_timeout
 
     @property
     def active(self) -> bool:
@@ -177,8 +168,9 @@ class ServerAdapter:
 class TrackedTCPServer(TCPServer):
     """Hypercorn's connection handler, recording itself in its app's `ServerAdapter`.
 
-    Adds to Hypercorn's: a 64 KiB kernel send buffer, lock-free writes while uncontended, and the two steps of an
-    event stream (`start_stream`, `hand_off`). Everything else is Hypercorn's own.
+    Adds to Hypercorn's: lock-free writes while uncontended, an idle timer that does not count the loop's lateness
+    against the client, and the two steps of an event stream (`start_stream`, `hand_off`). Everything else is
+    Hypercorn's own. (Client sockets' options are inherited from the listening socket: server.listen_socket.)
     """
 
     streaming = False  # an event stream started on this connection: its reads are the stream's
@@ -192,13 +184,6 @@ class TrackedTCPServer(TCPServer):
     async def run(self) -> None:
         adapter: ServerAdapter | None = getattr(self.config, _CONFIG_ATTR, None)
         peer: Any = None
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-            if adapter is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux (tcp(7))
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(adapter.unacked_timeout * 1000))
         with contextlib.suppress(OSError):
             peer = self.writer.get_extra_info("peername")
         if adapter is not None and isinstance(peer, tuple):

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
         4 << 20, ge=1024, le=64 << 20,
         description="Largest body of a batch publish (POST /publish/{app} with a JSON array of up to 1000 events; "
         "over it: 413); at least MAX_BODY_BYTES. Every other body keeps MAX_BODY_BYTES.")
+    listen_backlog: int = Field(
+        65535, ge=128, le=1 << 20,
+        description="Connections the kernel holds for the service before it accepts them (a reconnect storm "
+        "arrives at once); the kernel caps it at net.core.somaxconn (4096 on recent Linux): raise that too.")
     graceful_timeout: float = Field(
         5.0, ge=0,
         description="Seconds a SIGTERM waits for open requests; keep a container's stop grace period above it.")

@@ -23,7 +23,7 @@ from quart import Quart
 
 from quart_sse.app import create_app
 from quart_sse.auth import mint
-from quart_sse.server import hypercorn_config
+from quart_sse.server import hypercorn_config, listen_socket
 from quart_sse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,8 +195,8 @@ class LiveServer:
     async def start(self) -> None:
         settings = self.services.settings
         # the same connection handler as `python -m quart_sse serve`, tracked by the app's own adapter
-        cfg = hypercorn_config(settings, adapter=self.services.adapter)
-        cfg.bind = [f"127.0.0.1:{self.port}"]
+        sock = listen_socket(settings.model_copy(update={"app_port": self.port}), host="127.0.0.1")
+        cfg = hypercorn_config(settings, sock, adapter=self.services.adapter)
         if self.tweak is not None:
             self.tweak(cfg)
         self._task = asyncio.get_running_loop().create_task(
