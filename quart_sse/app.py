@@ -5,6 +5,7 @@ from __future__ import annotations
 from quart import Quart
 
 from . import auth, cors, errors
+from .bodydrain import DRAIN_MAX_BYTES, UnreadBodyDrain
 from .logs import setup_logging
 from .services import Services
 from .settings import Settings, load_settings
@@ -24,6 +25,9 @@ def create_app(settings: Settings | None = None) -> Quart:
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
+    # an answer given before the body was read (413 above all) reaches the client instead of a TCP reset
+    app.asgi_app = UnreadBodyDrain(  # type: ignore[method-assign,assignment]
+        app.asgi_app, settings.max_body_bytes + DRAIN_MAX_BYTES)
     services = Services(settings)
     app.extensions["quart_sse"] = services
     auth.init_app(app, settings)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -46,14 +47,36 @@ def auth(tok: str) -> dict[str, str]:
 
 
 _handed_out: set[int] = set()
+_rng = random.SystemRandom()  # not the global generator, which hypothesis seeds
+_PORTS_FROM = 15000  # below the kernel's ephemeral range (and above the usual fixed service ports)
+
+
+def _ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports begin (Linux: net.ipv4.ip_local_port_range, 32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
     """A port nobody listens on, and never the same one twice in a session: the kernel may give a just-released
-    port again, and two services told the same port start as one (a test then kills the wrong one)."""
+    port again, and two services told the same port start as one (a test then kills the wrong one).
+
+    Drawn below the ephemeral range: a port the kernel handed out (bind to 0) goes back into that range the moment
+    the probe closes, and on a machine where other suites run their clients, one of their outgoing connections can
+    take it before our server binds it (EADDRINUSE, "server did not start").
+    """
+    hi = min(_ephemeral_start(), 32768)
     while True:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            if hi - _PORTS_FROM > 1000:
+                try:
+                    s.bind(("0.0.0.0", _rng.randrange(_PORTS_FROM, hi)))  # free on every address
+                except OSError:
+                    continue
+            else:  # an unusual ephemeral range: let the kernel choose
+                s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
         if port not in _handed_out:
             _handed_out.add(port)
