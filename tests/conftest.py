@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from pytest_redis import factories
 
 from quart_sse.settings import Settings
 from tests.support import LiveServer, live_server, make_settings
+from tests.support_install import build_wheel, install
 
 for _k in list(os.environ):  # a developer's shell must not change what is tested
     if _k.startswith(("REDIS_", "JWT_", "APP_", "PING_", "MAX_CONNECTIONS", "CORS_", "HISTORY_", "SSE_", "STREAM_")):
@@ -66,3 +68,24 @@ def settings(settings_factory: Any) -> Settings:
 async def server(settings: Settings) -> AsyncIterator[LiveServer]:
     async with live_server(settings) as srv:
         yield srv
+
+
+# ------------------------------------------------------------------------------------------------ the built package
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from this checkout, once per session."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Path]:
+    """`installed(python)`: the bin/ of a fresh venv of that Python with the wheel and the pinned requirements,
+    made once per Python and session."""
+    venvs: dict[Path, Path] = {}
+
+    def get(python: Path) -> Path:
+        if python not in venvs:
+            venvs[python] = install(python, wheel, tmp_path_factory.mktemp("venv"))
+        return venvs[python]
+
+    return get

@@ -259,15 +259,21 @@ def service_env(settings_env: dict[str, str]) -> dict[str, str]:
 
 
 class ServiceProcess:
-    """`python -m quart_sse serve` as a real child process, for SIGTERM/SIGKILL tests."""
+    """`python -m quart_sse serve` as a real child process, for SIGTERM/SIGKILL tests.
 
-    def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
+    `command` and `full_env` run something else the same way (an installed `quart-sse serve`, the Dockerfile's CMD):
+    then the environment is exactly `full_env`, without this checkout on the import path.
+    """
+
+    def __init__(self, port: int, env: dict[str, str], log_path: Path, command: list[str] | None = None,
+                 full_env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "quart_sse", "serve"],
-                                     env=service_env({"APP_PORT": str(port), **env}), cwd=log_path.parent,
+        argv = command or [sys.executable, "-m", "quart_sse", "serve"]
+        environ = full_env if full_env is not None else service_env({"APP_PORT": str(port), **env})
+        self.proc = subprocess.Popen(argv, env=environ, cwd=log_path.parent,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     async def wait_ready(self, timeout: float = 20) -> None:
