@@ -13,12 +13,37 @@ import redis
 from pytest_redis import factories
 
 from quart_sse.settings import Settings
-from tests.support import LiveServer, live_server, make_settings
+from tests import support
+from tests.support import SUITE_HANDOFF, LiveServer, handoff_on, live_server, make_settings
 from tests.support_install import build_wheel, install
+from tests.tiers import is_fast
 
-for _k in list(os.environ):  # a developer's shell must not change what is tested
+# A developer's shell must not change what is tested. STREAM_HANDOFF is the exception: tests/support.py has read it
+# already (SUITE_HANDOFF) and make_settings passes it on, so `STREAM_HANDOFF=false make test` runs the generator path.
+for _k in list(os.environ):
     if _k.startswith(("REDIS_", "JWT_", "APP_", "PING_", "MAX_CONNECTIONS", "CORS_", "HISTORY_", "SSE_", "STREAM_")):
         del os.environ[_k]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    how = "unset: hand-off" if SUITE_HANDOFF is None else str(SUITE_HANDOFF).lower()
+    return f"STREAM_HANDOFF: {how} (streams {'hand their connection off' if handoff_on() else 'stay on the generator'})"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("handoff")
+    if marker is not None and not handoff_on():
+        pytest.skip(f"needs the connection hand-off (STREAM_HANDOFF=false): {marker.args[0] if marker.args else ''}"
+                    .rstrip(": "))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast tier is derived from the code (tests/tiers.py); under `-m fast` the heavy helpers refuse to run."""
+    for item in items:
+        if is_fast(item):
+            item.add_marker(pytest.mark.fast)
+    if config.getoption("markexpr", "") == "fast":
+        support.FAST_TIER = True
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,7 +52,8 @@ def pytest_configure(config: pytest.Config) -> None:
                     "macOS: brew install redis) and run make test again", returncode=3)
 
 
-redis_proc = factories.redis_proc(port=None, executable=shutil.which("redis-server") or "redis-server")
+redis_proc = factories.redis_proc(port=None,  # type: ignore[arg-type]  # None: a free port (pytest-redis)
+                                  executable=shutil.which("redis-server") or "redis-server")
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 from hypercorn.asyncio import serve as hypercorn_serve
+from pydantic import TypeAdapter, ValidationError
 from quart import Quart
 
 from quart_sse.app import create_app
@@ -28,12 +29,51 @@ from quart_sse.server import hypercorn_config, install_connection_handler
 from quart_sse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: True while only the fast tier runs (`pytest -m fast`): the helpers that start a server, a Redis or a service
+#: process then fail the test, which tests/tiers.py should not have classified as fast.
+FAST_TIER = False
+
+
+def fast_tier_guard(what: str) -> None:
+    if FAST_TIER:
+        import pytest
+
+        pytest.fail(f"{what} in the fast tier: tests/tiers.py took this test for one that needs no server, Redis or "
+                    f"process; add the helper's name to its HEAVY_NAMES", pytrace=False)
 SECRET = "test-secret-" + "x" * 40
 
 
+def _suite_handoff() -> bool | None:
+    """STREAM_HANDOFF from the environment the suite was started in (`STREAM_HANDOFF=false make test` runs every
+    stream on the generator path); None when unset. Read here, at import, before conftest clears the service's
+    variables from the environment; parsed as the setting is, so a bad value fails as the service would."""
+    raw = os.environ.get("STREAM_HANDOFF")
+    if raw is None:
+        return None
+    try:
+        return TypeAdapter(bool).validate_python(raw)  # pydantic's reading of a bool setting, as the service's
+    except ValidationError:
+        import pytest
+
+        raise pytest.UsageError(f"STREAM_HANDOFF={raw!r}: not a boolean (true or false)") from None
+
+
+#: The suite's STREAM_HANDOFF (None: the setting's default, true).
+SUITE_HANDOFF: bool | None = _suite_handoff()
+
+
+def handoff_on() -> bool:
+    """Whether streams of this run hand their connection off (the default) or stay on the generator path."""
+    return SUITE_HANDOFF is not False
+
+
 def make_settings(**overrides: Any) -> Settings:
-    """Settings from explicit values only: a developer's .env or shell must not change what is tested."""
+    """Settings from explicit values only: a developer's .env or shell must not change what is tested, except for
+    STREAM_HANDOFF, which the suite passes through (tests that set it themselves win)."""
     base: dict[str, Any] = {"jwt_secret": SECRET, "ping_interval": 30, "app_port": free_port()}
+    if SUITE_HANDOFF is not None:
+        base["stream_handoff"] = SUITE_HANDOFF
     base.update(overrides)
     return Settings(_env_file=None, **base)  # type: ignore[call-arg]
 
@@ -215,6 +255,7 @@ class LiveServer:
         return self.app.extensions["quart_sse"]
 
     async def start(self) -> None:
+        fast_tier_guard("a live server")
         settings = self.services.settings
         install_connection_handler()  # the same connection handler as `python -m quart_sse serve`
         cfg = hypercorn_config(settings)
@@ -254,6 +295,8 @@ def service_env(settings_env: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("REDIS_", "JWT_", "APP_", "PING_", "MAX_", "CORS_", "HISTORY_", "SSE_", "WORKERS"))}
     env.update({"JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    if SUITE_HANDOFF is not None:  # service processes take the suite's STREAM_HANDOFF too
+        env["STREAM_HANDOFF"] = "true" if SUITE_HANDOFF else "false"
     env.update(settings_env)
     return env
 
@@ -267,6 +310,7 @@ class ServiceProcess:
 
     def __init__(self, port: int, env: dict[str, str], log_path: Path, command: list[str] | None = None,
                  full_env: dict[str, str] | None = None) -> None:
+        fast_tier_guard("a service process")
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -319,6 +363,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        fast_tier_guard("a redis-server")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -109,7 +109,7 @@ def client_count(r: redis.Redis) -> int:
 
 
 def pubsub_channels(r: redis.Redis) -> set[str]:
-    return {c.decode() for c in r.pubsub_channels()}
+    return {c.decode() if isinstance(c, bytes) else c for c in r.pubsub_channels()}
 
 
 def registry_keys(r: redis.Redis, app: str) -> list[str]:

@@ -70,16 +70,17 @@ def test_requires_python_is_the_tested_range() -> None:
 @pytest.mark.parametrize("python", PYTHONS)
 def test_every_pin_lies_in_the_package_ranges(python: str) -> None:
     """On each Python: requirements.txt pins exactly one version of each dependency, inside pyproject's range."""
-    ranges = {canonicalize_name(r.name): r for r in map(Requirement, PYPROJECT["project"]["dependencies"])}
+    ranges: dict[str, Requirement] = {canonicalize_name(r.name): r
+                                      for r in map(Requirement, PYPROJECT["project"]["dependencies"])}
     pins: dict[str, str] = {}
     for req in _requirements():
         if not _applies(req.marker, python):
             continue
         (spec,) = req.specifier  # exactly one `==` specifier
         assert spec.operator == "==", req
-        name = canonicalize_name(req.name)
-        assert name not in pins, f"{name} pinned twice for Python {python}"
-        pins[name] = spec.version
+        key = canonicalize_name(req.name)
+        assert key not in pins, f"{key} pinned twice for Python {python}"
+        pins[key] = spec.version
     assert set(pins) == set(ranges), set(pins) ^ set(ranges)
     for name, version in pins.items():
         assert ranges[name].specifier.contains(version), f"{name}=={version} outside {ranges[name]}"
