@@ -67,6 +67,18 @@ def test_requires_python_is_the_tested_range() -> None:
     assert PYPROJECT["tool"]["mypy"]["python_version"] == "3.11"
 
 
+def test_the_supported_pythons_agree_everywhere() -> None:
+    """pyproject's classifiers, .ci/pythons (what CI looks for) and the Makefile name the same versions."""
+    import re
+
+    classified = [c.rsplit(" ", 1)[1] for c in PYPROJECT["project"]["classifiers"]
+                  if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+    ci = re.search(r"^SUPPORTED=\(([^)]*)\)", (ROOT / ".ci" / "pythons").read_text(), re.M)
+    make = re.search(r"^SUPPORTED := (.*)$", (ROOT / "Makefile").read_text(), re.M)
+    assert ci and make
+    assert classified == ci.group(1).split() == make.group(1).split() == PYTHONS
+
+
 @pytest.mark.parametrize("python", PYTHONS)
 def test_every_pin_lies_in_the_package_ranges(python: str) -> None:
     """On each Python: requirements.txt pins exactly one version of each dependency, inside pyproject's range."""
@@ -156,3 +168,21 @@ async def test_installed_serve(bin_dir: Path, tmp_path: Path) -> None:
         assert "Traceback" not in svc.log()
     finally:
         svc.stop()
+
+
+def test_ci_finds_each_python_or_says_missing(tmp_path: Path) -> None:
+    """.ci/pythons: this interpreter's version is found (an interpreter that runs as that version); with no pyenv
+    and nothing on PATH, every version is reported MISSING instead of being skipped."""
+    this = f"{sys.version_info.major}.{sys.version_info.minor}"
+    out = subprocess.run([str(ROOT / ".ci" / "pythons")], capture_output=True, text=True, timeout=60, check=True)
+    found = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert list(found) == PYTHONS
+    assert found[this] != "MISSING"
+    ran = subprocess.run([found[this], "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert ran.stdout.strip() == this
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    bare = subprocess.run(["/bin/bash", str(ROOT / ".ci" / "pythons")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": str(empty), "PYENV_ROOT": str(tmp_path / "no-pyenv"), "HOME": str(tmp_path)})
+    assert bare.stdout.splitlines() == [f"{v} MISSING" for v in PYTHONS], bare.stdout + bare.stderr
