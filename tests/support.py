@@ -265,7 +265,9 @@ class LiveServer:
         self._task = asyncio.get_running_loop().create_task(
             hypercorn_serve(self.app, cfg, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
         deadline = time.monotonic() + 10
-        async with httpx.AsyncClient() as c:
+        # Connection: close, or the probe's connection outlives it: Hypercorn keeps an idle connection's task
+        # until keep_alive_timeout (5 s) even after the client has closed it, and a test counting tasks sees it go
+        async with httpx.AsyncClient(headers={"Connection": "close"}) as c:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await c.get(self.url + "/health")).status_code == 200:

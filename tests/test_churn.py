@@ -17,6 +17,7 @@ import pytest
 from quart_sse import keys
 from tests.support import LiveServer, RedisServer, auth, live_server, make_settings, open_stream, token
 from tests.support_faults import (
+    app_task_names,
     app_tasks,
     client_count,
     control_channels,
@@ -81,7 +82,7 @@ async def test_churn_leaves_nothing_behind(rig: tuple[RedisServer, LiveServer]) 
     try:
         await _churn(srv, 0, WARMUP)  # warm-up: pools, caches and allocator arenas reach their working size
         await until(lambda: _idle(srv), 5)
-        tasks0 = await _steady(app_tasks)  # on the generator path the last connections' tasks are still ending
+        tasks0, names0 = app_tasks(), app_task_names()
         clients0, rss0, objects0 = client_count(r), settled_rss_mib(), len(gc.get_objects())
         channels0 = pubsub_channels(r)
         assert channels0 == control_channels(r)  # only the service's own control and reply channels
@@ -97,8 +98,8 @@ async def test_churn_leaves_nothing_behind(rig: tuple[RedisServer, LiveServer]) 
         assert pubsub_channels(r) == channels0
         left = {app: registry_keys(r, app) for app in APPS}
         assert not any(left.values()), left
-        tasks1 = await _steady(app_tasks)
-        assert tasks1 == tasks0, (tasks0, tasks1)
+        tasks1 = await _settle(app_tasks, tasks0)
+        assert tasks1 == tasks0, f"{tasks0} -> {tasks1}: {names0} -> {app_task_names()}"
         clients1 = client_count(r)
         # the BlockingConnectionPool keeps what 50 concurrent streams needed (at most 64), plus the pub/sub link
         assert clients1 <= 65, clients1
@@ -116,16 +117,11 @@ async def test_churn_leaves_nothing_behind(rig: tuple[RedisServer, LiveServer]) 
         r.close()
 
 
-async def _steady(measure: Callable[[], int], timeout: float = 5.0) -> int:
-    """The task count once it stops moving (closing connections' last tasks may still be finishing): the same value
-    over 0.3 s. Nothing signals the end of a server's connection task, hence the polling."""
+async def _settle(measure: Callable[[], int], want: int, timeout: float = 3.0) -> int:
+    """The task count once it stops moving (a closing connection's last task may still be finishing)."""
     deadline = time.monotonic() + timeout
-    got, same_since = measure(), time.monotonic()
-    while time.monotonic() < deadline:
+    got = measure()
+    while got != want and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-        now = measure()
-        if now != got:
-            got, same_since = now, time.monotonic()
-        elif time.monotonic() - same_since >= 0.3:
-            return got
-    raise AssertionError(f"task count still moving after {timeout} s (last {got})")
+        got = measure()
+    return got
