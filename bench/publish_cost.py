@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run = uvloop.run
         except ImportError:
-            run = asyncio.run
+            run = asyncio.run  # type: ignore[assignment]  # the same call, without uvloop's loop_factory
         res, cpu, wall, redis_cpu = run(_load(args, server, redis))
     finally:
         server.stop()

@@ -1,4 +1,5 @@
-"""`python -m quart_sse serve | token | publish` (CONTRACT §7); `publish --batch FILE` publishes JSON lines."""
+"""`quart-sse serve | token | publish`, the same as `python -m quart_sse ...` (README.md shows each);
+`publish --batch FILE` publishes JSON lines."""
 
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
+from pathlib import Path
 from typing import IO, Any
 
+from . import __version__
 from .broker.base import MAX_BATCH_EVENTS
 from .settings import ConfigError, Settings, load_settings
 
 
+def _prog() -> str:
+    """How the user called us: the installed `quart-sse` script, or `python -m quart_sse` from a checkout."""
+    return "quart-sse" if Path(sys.argv[0]).name == "quart-sse" else "python -m quart_sse"
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m quart_sse", description="quart-sse: SSE notification service")
+    ap = argparse.ArgumentParser(prog=_prog(), description="quart-sse: SSE notification service")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the service (settings from the environment and .env)")
     t = sub.add_parser("token", help="print a token signed with JWT_SECRET")

@@ -6,6 +6,7 @@ from quart import Quart
 
 from . import auth, bodies, cors, errors
 from .adapter import ServerAdapter
+from .bodydrain import DRAIN_MAX_BYTES, UnreadBodyDrain
 from .logs import setup_logging
 from .services import Services
 from .settings import Settings, load_settings
@@ -27,6 +28,9 @@ def create_app(settings: Settings | None = None, adapter: ServerAdapter | None =
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
     app.request_class = bodies.request_class(settings.max_batch_bytes)  # MAX_BATCH_BYTES on the batch route only
+    # an answer given before the body was read (413 above all) reaches the client instead of a TCP reset
+    app.asgi_app = UnreadBodyDrain(  # type: ignore[method-assign,assignment]
+        app.asgi_app, max(settings.max_body_bytes, settings.max_batch_bytes) + DRAIN_MAX_BYTES)
     services = Services(settings, adapter)
     app.extensions["quart_sse"] = services
     auth.init_app(app, settings)

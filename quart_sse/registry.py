@@ -186,6 +186,8 @@ class RedisRegistry:
         self._user_releasing: dict[tuple[str, str], asyncio.Task[None]] = {}  # the latest release of each user
         self._batch_task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        # set while a refresh is on its way to Redis: releases made meanwhile wait for it (see _after_refresh)
+        self._refreshing: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="registry-heartbeat")
@@ -250,7 +252,15 @@ class RedisRegistry:
             if task is not None and self._user_releasing.get((r.app, r.user)) is task:
                 del self._user_releasing[(r.app, r.user)]
 
+    async def _after_refresh(self) -> None:
+        """A release must reach Redis after a refresh that listed its stream, or the refresh's re-write (ZADD, and
+        the seed hash when absent) brings the entry back for REGISTRY_TTL: listed, and counted against its user's
+        cap. The two travel on different pool connections, so only waiting orders them."""
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
+
     async def _release_batch(self, batch: list[ConnRecord]) -> None:
+        await self._after_refresh()
         if self._batch is batch:  # releases from here on start the next batch
             self._batch = None
         if len(batch) == 1:  # the common case (a client left): one script call
@@ -298,6 +308,7 @@ class RedisRegistry:
         return [keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)], args
 
     async def _do_release(self, rec: ConnRecord) -> None:
+        await self._after_refresh()
         try:
             script_keys, args = self._release_call(rec, time.time())
             left = await self._release(keys=script_keys, args=args)
@@ -327,6 +338,17 @@ class RedisRegistry:
 
         One script call per app and 1,000 streams: a pipeline of six commands per stream cost ~60 % of a core
         every beat at 19,000 streams (redis-py's per-command overhead), the script a few milliseconds."""
+        if self._refreshing is not None:  # one at a time (the heartbeat's and a caller's)
+            await asyncio.shield(self._refreshing)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._refreshing = done
+        try:
+            await self._refresh_listed()
+        finally:
+            self._refreshing = None
+            done.set_result(None)
+
+    async def _refresh_listed(self) -> None:
         by_app: dict[str, list[ConnRecord]] = {}
         for rec in list(self.local.values()):
             by_app.setdefault(rec.app, []).append(rec)

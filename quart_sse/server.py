@@ -25,6 +25,7 @@ from hypercorn.config import Config
 
 from .accesslog import AccessLogger
 from .adapter import ServerAdapter
+from .logs import setup_logging
 from .settings import Settings
 
 log = logging.getLogger("quart_sse.server")
@@ -153,6 +154,7 @@ def serve(settings: Settings) -> int:
     if settings.workers <= 1:
         _worker(settings, None)
         return 0
+    setup_logging(settings)  # the parent's own lines (a worker that exited) in the workers' format
     # metrics of all workers in one answer (quart_sse.metrics); must be set before prometheus_client is imported
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="quart-sse-metrics-"))
     with socket.create_server((settings.app_host, settings.app_port), reuse_port=True):
@@ -165,9 +167,16 @@ def serve(settings: Settings) -> int:
             try:
                 sock = listen_socket(settings, reuse_port=True)
                 _worker(settings, sock)
-            except BaseException:  # noqa: BLE001
+            except Exception:
+                # os._exit skips the interpreter's own report: without this line a worker that cannot start
+                # (a Redis URL redis-py refuses, a port it may not bind) vanishes without a word
+                setup_logging(settings)  # the failure may come before create_app set logging up
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: still never past this frame
                 code = 1
             finally:
+                logging.shutdown()
                 os._exit(code)
         children.append(pid)
 
@@ -186,7 +195,11 @@ def serve(settings: Settings) -> int:
                 break
             except InterruptedError:
                 continue
-        code = code or (os.waitstatus_to_exitcode(status) != 0)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if exit_code != 0:
+            log.error("worker %d exited with %s", pid,
+                      f"signal {-exit_code}" if exit_code < 0 else f"code {exit_code}")
+        code = code or (exit_code != 0)
         with contextlib.suppress(Exception):
             from prometheus_client import multiprocess
 

@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: URL schemes REDIS_URL may use (redis-py: TCP, TLS, Unix socket).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
 #: The secret shipped in .env.example; production refuses it.
 EXAMPLE_SECRET = "change-me-this-is-the-example-secret-of-quart-sse"
 
@@ -32,7 +35,8 @@ class Settings(BaseSettings):
         description="Processes sharing the listening socket; above 1 needs Redis (in-process brokers do not share).")
 
     redis_url: str | None = Field(
-        None, description="Redis URL (rediss:// for TLS); wins over REDIS_HOST. Neither set: the in-process broker.")
+        None, description="Redis URL: redis://, rediss:// (TLS) or unix:// (socket); wins over REDIS_HOST. "
+        "Neither set: the in-process broker.")
     redis_host: str | None = Field(
         None, description="Redis host, used when REDIS_URL is unset (docker compose sets redis).")
     redis_port: int = Field(6379, ge=1, le=65535, description="Redis port, used with REDIS_HOST.")
@@ -95,6 +99,28 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        """The schemes and syntax redis-py's `from_url` connects with; anything else would fail later, far from the
+        setting (in a worker process, or at the first command).
+
+        Only the scheme is echoed: the rest of the URL may carry a password.
+        """
+        if not v:
+            return None
+        scheme, sep, _ = v.partition("://")
+        if not sep or scheme not in REDIS_SCHEMES:
+            got = f"{scheme[:20]}://" if sep else "no scheme"
+            raise ValueError(f"must start with redis://, rediss:// (TLS) or unix:// (got {got})")
+        from redis.connection import parse_url  # the parser redis-py itself connects with: port, db, options
+
+        try:
+            parse_url(v)  # type: ignore[no-untyped-call]
+        except ValueError as exc:  # its messages name the part (port, option), never the password
+            raise ValueError(str(exc).rstrip(".")) from None
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
@@ -108,6 +134,8 @@ class Settings(BaseSettings):
                 raise ValueError("JWT_SECRET: production needs a secret of at least 32 bytes, not the example's")
         if self.max_batch_bytes < self.max_body_bytes:  # the batch route also takes a single event's body
             raise ValueError("MAX_BATCH_BYTES: must be at least MAX_BODY_BYTES")
+        if self.redis_cluster and self.redis_url and self.redis_url.startswith("unix://"):
+            raise ValueError("REDIS_CLUSTER: a Redis Cluster is reached over redis:// or rediss://, not unix://")
         if self.jwt_algorithm[:2] in ("RS", "ES") and not self.jwt_public_key:
             raise ValueError(f"JWT_PUBLIC_KEY: required for JWT_ALGORITHM={self.jwt_algorithm}")
         if self.jwt_algorithm[:2] in ("RS", "ES") and self.jwt_public_key:

@@ -133,7 +133,7 @@ class LocalCluster:
     def _info(self, node: Node, section: str) -> dict[str, str]:
         c = node.client()
         try:
-            raw = c.execute_command("CLUSTER INFO") if section == "cluster" else c.execute_command("INFO", section)
+            raw = c.execute_command("CLUSTER INFO") if section == "cluster" else c.execute_command("INFO", section)  # type: ignore[no-untyped-call]
         finally:
             c.close()
         if isinstance(raw, dict):  # redis-py parses both replies into dicts of typed values
@@ -156,8 +156,8 @@ class LocalCluster:
         for node in self.live_nodes():
             c = node.client()
             try:
-                slot = int(c.execute_command("CLUSTER KEYSLOT", key))
-                for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
+                slot = int(c.execute_command("CLUSTER KEYSLOT", key))  # type: ignore[no-untyped-call]
+                for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):  # type: ignore[no-untyped-call]
                     if start <= slot <= end:
                         port = int(primary[1])
                         return next(n for n in self.nodes if n.port == port)
@@ -180,7 +180,7 @@ class LocalCluster:
                         c = n.client()
                         try:
                             views.add(tuple(sorted((int(s), int(e), int(p[1]))
-                                                   for s, e, p, *_ in c.execute_command("CLUSTER SLOTS"))))
+                                                   for s, e, p, *_ in c.execute_command("CLUSTER SLOTS"))))  # type: ignore[no-untyped-call]
                         finally:
                             c.close()
                     if len(views) == 1:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 from hypercorn.asyncio import serve as hypercorn_serve
+from pydantic import TypeAdapter, ValidationError
 from quart import Quart
 
 from quart_sse.app import create_app
@@ -27,12 +29,51 @@ from quart_sse.server import hypercorn_config, listen_socket
 from quart_sse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: True while only the fast tier runs (`pytest -m fast`): the helpers that start a server, a Redis or a service
+#: process then fail the test, which tests/tiers.py should not have classified as fast.
+FAST_TIER = False
+
+
+def fast_tier_guard(what: str) -> None:
+    if FAST_TIER:
+        import pytest
+
+        pytest.fail(f"{what} in the fast tier: tests/tiers.py took this test for one that needs no server, Redis or "
+                    f"process; add the helper's name to its HEAVY_NAMES", pytrace=False)
 SECRET = "test-secret-" + "x" * 40
 
 
+def _suite_handoff() -> bool | None:
+    """STREAM_HANDOFF from the environment the suite was started in (`STREAM_HANDOFF=false make test` runs every
+    stream on the generator path); None when unset. Read here, at import, before conftest clears the service's
+    variables from the environment; parsed as the setting is, so a bad value fails as the service would."""
+    raw = os.environ.get("STREAM_HANDOFF")
+    if raw is None:
+        return None
+    try:
+        return TypeAdapter(bool).validate_python(raw)  # pydantic's reading of a bool setting, as the service's
+    except ValidationError:
+        import pytest
+
+        raise pytest.UsageError(f"STREAM_HANDOFF={raw!r}: not a boolean (true or false)") from None
+
+
+#: The suite's STREAM_HANDOFF (None: the setting's default, true).
+SUITE_HANDOFF: bool | None = _suite_handoff()
+
+
+def handoff_on() -> bool:
+    """Whether streams of this run hand their connection off (the default) or stay on the generator path."""
+    return SUITE_HANDOFF is not False
+
+
 def make_settings(**overrides: Any) -> Settings:
-    """Settings from explicit values only: a developer's .env or shell must not change what is tested."""
+    """Settings from explicit values only: a developer's .env or shell must not change what is tested, except for
+    STREAM_HANDOFF, which the suite passes through (tests that set it themselves win)."""
     base: dict[str, Any] = {"jwt_secret": SECRET, "ping_interval": 30, "app_port": free_port()}
+    if SUITE_HANDOFF is not None:
+        base["stream_handoff"] = SUITE_HANDOFF
     base.update(overrides)
     return Settings(_env_file=None, **base)  # type: ignore[call-arg]
 
@@ -46,14 +87,36 @@ def auth(tok: str) -> dict[str, str]:
 
 
 _handed_out: set[int] = set()
+_rng = random.SystemRandom()  # not the global generator, which hypothesis seeds
+_PORTS_FROM = 15000  # below the kernel's ephemeral range (and above the usual fixed service ports)
+
+
+def _ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports begin (Linux: net.ipv4.ip_local_port_range, 32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
     """A port nobody listens on, and never the same one twice in a session: the kernel may give a just-released
-    port again, and two services told the same port start as one (a test then kills the wrong one)."""
+    port again, and two services told the same port start as one (a test then kills the wrong one).
+
+    Drawn below the ephemeral range: a port the kernel handed out (bind to 0) goes back into that range the moment
+    the probe closes, and on a machine where other suites run their clients, one of their outgoing connections can
+    take it before our server binds it (EADDRINUSE, "server did not start").
+    """
+    hi = min(_ephemeral_start(), 32768)
     while True:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            if hi - _PORTS_FROM > 1000:
+                try:
+                    s.bind(("0.0.0.0", _rng.randrange(_PORTS_FROM, hi)))  # free on every address
+                except OSError:
+                    continue
+            else:  # an unusual ephemeral range: let the kernel choose
+                s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
         if port not in _handed_out:
             _handed_out.add(port)
@@ -193,6 +256,7 @@ class LiveServer:
         return self.app.extensions["quart_sse"]
 
     async def start(self) -> None:
+        fast_tier_guard("a live server")
         settings = self.services.settings
         # the same connection handler as `python -m quart_sse serve`, tracked by the app's own adapter
         sock = listen_socket(settings.model_copy(update={"app_port": self.port}), host="127.0.0.1")
@@ -202,8 +266,8 @@ class LiveServer:
         self._task = asyncio.get_running_loop().create_task(
             hypercorn_serve(self.app, cfg, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
         deadline = time.monotonic() + 10
-        # `Connection: close`: a kept-alive connection's task would linger in Hypercorn for keep_alive_timeout after
-        # the client leaves, and count in the tests that compare the service's tasks before and after
+        # Connection: close, or the probe's connection outlives it: Hypercorn keeps an idle connection's task
+        # until keep_alive_timeout (5 s) even after the client has closed it, and a test counting tasks sees it go
         async with httpx.AsyncClient(headers={"Connection": "close"}) as c:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError):
@@ -234,20 +298,29 @@ def service_env(settings_env: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("REDIS_", "JWT_", "APP_", "PING_", "MAX_", "CORS_", "HISTORY_", "SSE_", "WORKERS"))}
     env.update({"JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    if SUITE_HANDOFF is not None:  # service processes take the suite's STREAM_HANDOFF too
+        env["STREAM_HANDOFF"] = "true" if SUITE_HANDOFF else "false"
     env.update(settings_env)
     return env
 
 
 class ServiceProcess:
-    """`python -m quart_sse serve` as a real child process, for SIGTERM/SIGKILL tests."""
+    """`python -m quart_sse serve` as a real child process, for SIGTERM/SIGKILL tests.
 
-    def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
+    `command` and `full_env` run something else the same way (an installed `quart-sse serve`, the Dockerfile's CMD):
+    then the environment is exactly `full_env`, without this checkout on the import path.
+    """
+
+    def __init__(self, port: int, env: dict[str, str], log_path: Path, command: list[str] | None = None,
+                 full_env: dict[str, str] | None = None) -> None:
+        fast_tier_guard("a service process")
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "quart_sse", "serve"],
-                                     env=service_env({"APP_PORT": str(port), **env}), cwd=log_path.parent,
+        argv = command or [sys.executable, "-m", "quart_sse", "serve"]
+        environ = full_env if full_env is not None else service_env({"APP_PORT": str(port), **env})
+        self.proc = subprocess.Popen(argv, env=environ, cwd=log_path.parent,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     async def wait_ready(self, timeout: float = 20) -> None:
@@ -293,6 +366,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        fast_tier_guard("a redis-server")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -66,6 +66,13 @@ def app_tasks() -> int:
     return sum(1 for t in asyncio.all_tasks() if t is not me and not t.done())
 
 
+def app_task_names() -> list[str]:
+    """What app_tasks() counts, by coroutine (for an assertion's message)."""
+    me = asyncio.current_task()
+    return sorted(getattr(t.get_coro(), "__qualname__", repr(t.get_coro())) for t in asyncio.all_tasks()
+                  if t is not me and not t.done())
+
+
 class StalledClient:
     """Opens a stream over a raw socket with a tiny receive buffer and then never calls recv()."""
 
@@ -109,7 +116,7 @@ def client_count(r: redis.Redis) -> int:
 
 
 def pubsub_channels(r: redis.Redis) -> set[str]:
-    return {c.decode() for c in r.pubsub_channels()}
+    return {c.decode() if isinstance(c, bytes) else c for c in r.pubsub_channels()}
 
 
 def registry_keys(r: redis.Redis, app: str) -> list[str]:

@@ -108,9 +108,13 @@ async def test_the_patch_undone_before_serving_is_seen(monkeypatch: pytest.Monke
     """Another import puts Hypercorn's own TCPServer back after the adapter installed ours: connections would not
     be tracked; before_serving's recheck sees it and every stream takes the generator path."""
     real_install = adapter.install
-    monkeypatch.setattr(adapter, "install", lambda: (real_install(),
-                                                     setattr(hypercorn_run, "TCPServer", TCPServer))[0])
-    monkeypatch.setattr(hypercorn_run, "TCPServer", hypercorn_run.TCPServer)  # restored after the test
+
+    def install_then_undo() -> None:
+        real_install()
+        hypercorn_run.TCPServer = TCPServer  # type: ignore[attr-defined,misc]
+
+    monkeypatch.setattr(adapter, "install", install_then_undo)
+    monkeypatch.setattr(hypercorn_run, "TCPServer", TrackedTCPServer)  # restored after the test
     async with live_server(make_settings()) as srv:
         assert not srv.services.adapter.active
         assert logged.said("generator path", "patch did not take")

@@ -14,7 +14,7 @@ import json
 import time
 import warnings
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import pytest
@@ -33,7 +33,7 @@ WRONG_SECRET = "not-the-secret-" + "z" * 40
 async def client_for(settings: Settings) -> AsyncIterator[QuartClient]:
     app = create_app(settings)
     async with app.test_app() as ta:
-        yield ta.test_client()
+        yield cast(QuartClient, ta.test_client())
 
 
 def claims(sub: object = "alice", iss: object = "app1", ttl: float = 600, **extra: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from quart_sse.app import create_app
 from quart_sse.cors import ALLOW_HEADERS
 from tests.js_clients import browserify, node_modules, static_site  # noqa: F401 - node_modules is a fixture
 from tests.support import LiveServer, auth, free_port, make_settings, token
-from tests.test_demo_browser import browser
+from tests.support_browser import browser
 
 pytestmark = pytest.mark.slow
 

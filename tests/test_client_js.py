@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,4 +131,9 @@ async def test_js_parser_and_backoff_match_python(tmp_path: Path) -> None:
     assert got["version"] == __version__
     for chunks, js in zip(streams, got["parsed"], strict=True):
         assert js == _python_items(chunks), chunks
-    assert got["backoff"] == [backoff_ms(300, n, 30000, lambda r=r: r) for r in (0, 0.25, 0.999) for n in range(1, 13)]
+    assert got["backoff"] == [backoff_ms(300, n, 30000, _fixed(r)) for r in (0, 0.25, 0.999) for n in range(1, 13)]
+
+
+def _fixed(value: float) -> Callable[[], float]:
+    """A random() that always answers `value`."""
+    return lambda: value

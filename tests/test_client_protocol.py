@@ -65,7 +65,7 @@ def test_field_rules() -> None:
     assert parse(b"unknown: z\ndata: \xff\n\n") == [SseEvent("message", "\ufffd", None)]  # UTF-8 with replacement
 
 
-_text = st.text(st.characters(blacklist_characters="\r\n\x00", blacklist_categories=("Cs",)), max_size=12)
+_text = st.text(st.characters(blacklist_characters="\r\n\x00", blacklist_categories=["Cs"]), max_size=12)
 _items = st.lists(st.one_of(
     st.builds(lambda t, d, i: SseEvent(t or "message", "\n".join(d), i), _text, st.lists(_text, min_size=1, max_size=3),
               st.one_of(st.none(), _text)),

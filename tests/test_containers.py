@@ -14,8 +14,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,13 @@ import pytest
 import yaml
 
 from quart_sse.settings import Settings
-from tests.support import ROOT, free_port, live_server, make_settings
+from tests.support import ROOT, SECRET, ServiceProcess, auth, free_port, live_server, make_settings, open_stream, token
+from tests.support_install import clean_env, find_python, python_version
 
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = Path(__file__).resolve().parent / "data" / "compose_spec.json"
-SERVE_CMD = ["python", "-m", "quart_sse", "serve"]
+SERVE_CMD = ["quart-sse", "serve"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -207,22 +211,39 @@ def test_hadolint_is_not_vacuous(tmp_path: Path) -> None:
     assert res.returncode != 0 and "DL3007" in res.stdout and "DL3025" in res.stdout
 
 
+def image_python() -> str:
+    """The Python version of the image (`FROM python:3.13-slim` -> "3.13")."""
+    base = next(a for w, a in instructions() if w == "FROM")
+    m = re.fullmatch(r"python:(3\.\d+)-slim", base)
+    assert m, f"the base image is an official slim Python: {base}"
+    return m.group(1)
+
+
+def image_cmd() -> list[str]:
+    cmd = [a for w, a in instructions() if w == "CMD"]
+    assert len(cmd) == 1
+    return exec_form(cmd[0])
+
+
 def test_dockerfile_shape() -> None:
     ins = instructions()
     words = [w for w, _ in ins]
-    assert ins[0] == ("FROM", "python:3.11-slim")
     assert words.count("FROM") == 1
+    # the newest Python the suite runs on (.ci/run), within the package's requires-python
+    assert image_python() == "3.13"
     users = [a for w, a in ins if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the service runs as a non-root user"
     assert words.index("USER") < words.index("CMD")
-    cmd = [a for w, a in ins if w == "CMD"]
-    assert len(cmd) == 1 and exec_form(cmd[0]) == SERVE_CMD, "exec form, so SIGTERM reaches Python directly"
+    assert image_cmd() == SERVE_CMD, "exec form, so SIGTERM reaches Python directly"
     assert "ENTRYPOINT" not in words
-    runs = " ".join(a for w, a in ins if w == "RUN")
-    assert re.search(r"pip install (-\S+ )*-r requirements\.txt", runs)
+    runs = [a for w, a in ins if w == "RUN"]
+    assert re.search(r"pip install (-\S+ )*-r requirements\.txt", runs[0]), "the pinned requirements first"
+    assert re.search(r"pip install --no-deps \.( |$)", runs[1]), "then the package itself, without other deps"
     copies = [a.split() for w, a in ins if w == "COPY"]
-    assert words.index("COPY") < words.index("RUN"), "requirements.txt is copied before the install"
-    assert any(c[0] == "requirements.txt" for c in copies)
+    assert copies[0][0] == "requirements.txt" and words.index("COPY") < words.index("RUN"), \
+        "requirements.txt is copied (and installed) before the code: code changes keep that layer"
+    copied = {src for c in copies for src in c[:-1]}
+    assert {"pyproject.toml", "README.md"} <= copied, "the build configuration and the readme it names"
 
 
 def test_dockerfile_copies_every_package_the_service_imports() -> None:
@@ -261,3 +282,54 @@ async def test_healthcheck_command_probes_health() -> None:
     async with live_server(settings):
         assert await probe() == 0
     assert await probe() != 0
+
+
+@pytest.mark.slow
+async def test_image_cmd_on_the_image_python_says_goodbye_on_sigterm(installed: Callable[[Path], Path],
+                                                                       tmp_path: Path) -> None:
+    """No Docker engine here: the image's CMD, parsed from the Dockerfile, runs in a fresh venv of the image's
+    Python (the built wheel and the pinned requirements, as the Dockerfile installs them) with the image's ENV, in
+    an empty directory. SIGTERM while a stream is open: the stream gets `: closing shutdown` and a `retry:`, and the
+    process exits 0 within 10 s (Docker's default grace period).
+
+    A request whose body is still coming in is open too: from Python 3.12 `asyncio.Server.wait_closed()` waits for
+    every connection (CPython gh-79033), which makes Hypercorn overstay GRACEFUL_TIMEOUT (its issue #308, the
+    reason the image stayed on 3.11). The service's serve path must still exit at GRACEFUL_TIMEOUT."""
+    version = image_python()
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"Python {version} (the image's) is not on this machine: neither python{version} on PATH nor "
+                    f"in pyenv; .ci/run reports it")
+    bin_dir = installed(python)
+    env = dict(a.split("=", 1) for w, args in instructions() if w == "ENV" for a in args.split())
+    port = free_port()
+    env.update(JWT_SECRET=SECRET, APP_PORT=str(port), APP_HOST="127.0.0.1",  # compose's .env; a free port here
+               GRACEFUL_TIMEOUT="3")
+    argv = image_cmd()
+    svc = ServiceProcess(port, {}, tmp_path / "cmd.log", command=argv, full_env=clean_env(bin_dir, **env))
+    stream = None
+    try:
+        await svc.wait_ready()
+        ver = await asyncio.to_thread(python_version, bin_dir / "python")
+        assert ver is not None and ver.startswith(version + ".")
+        stream = await open_stream(port, headers=auth(token(make_settings(), "alice", "shop")))
+        assert stream.status == 200
+        assert (await asyncio.wait_for(stream._read_body(), 5)).startswith(b"retry:")
+        _, upload = await asyncio.open_connection("127.0.0.1", port)  # a body that never finishes
+        upload.write(b"POST /publish/shop/alice HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{")
+        await upload.drain()
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        svc.signal(signal.SIGTERM)
+        raw = await stream.read_until_closed(10)
+        assert re.search(rb": closing shutdown\nretry: \d+\n\n$", raw), raw[-200:]
+        code = await asyncio.to_thread(svc.proc.wait, 10)
+        took = time.monotonic() - t0
+        upload.close()
+        assert code == 0 and took < 3 + 2, (code, took, svc.log())  # GRACEFUL_TIMEOUT, and not much more
+        assert "Traceback" not in svc.log()
+        print(f"\nimage CMD {argv} on Python {ver}: goodbye and exit 0 {took:.2f} s after SIGTERM")
+    finally:
+        if stream is not None:
+            await stream.close()
+        svc.stop()

@@ -464,7 +464,7 @@ async def raw_fuzz(redis_url: str) -> AsyncIterator[tuple[LiveServer, aioredis.R
         try:
             yield srv, r, alice, bob
             # afterwards: the reader never restarted, and the bystander's stream is alive and clean
-            assert srv.services.broker.link.reconnects == 0
+            assert srv.services.metrics.redis_reconnects._value.get() == 0
             await r.publish(keys.user_channel("app1", "bob"), b'{"type":"bob-end","data":{}}')
             ev = await bob.next_event()
             assert ev is not None and ev.event == "bob-end"
@@ -481,6 +481,8 @@ async def test_fuzz_raw_redis_payloads(raw_fuzz: Any, payload: bytes) -> None:
     """Whatever a raw PUBLISH carries, the pub/sub reader lives on, the framing holds, a valid event follows."""
     srv, r, alice, _ = raw_fuzz
     before = len(alice.raw)
+    dropped = srv.services.metrics.events_dropped
+    dropped_before = dropped._value.get()
     marker = uuid.uuid4().hex
     await r.publish(keys.user_channel("app1", "alice"), payload)
     await r.publish(keys.user_channel("app1", "alice"), orjson.dumps({"type": "marker", "id": marker, "data": 0}))
@@ -495,6 +497,8 @@ async def test_fuzz_raw_redis_payloads(raw_fuzz: Any, payload: bytes) -> None:
     event("delivered" if expected else "dropped")
     # exactly the payload's event when the rules accept it, nothing otherwise
     assert [(e.id, e.event, e.json()) for e in seen] == ([expected] if expected else []), payload[:200]
+    # and what was not delivered was counted where operators see it (sse_events_dropped_total)
+    assert len(seen) + (dropped._value.get() - dropped_before) == 1, (payload, seen)
     assert srv.services.broker.link.connected
     new = bytes(alice.raw[before:])
     assume(new)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -103,7 +104,7 @@ async def test_assigned_ids_are_increasing_positions_shared_by_the_apps_channels
     msgs = [await rig.pub(u) for u in ("alice", None, "bob", "alice", None)]
     for m in msgs:
         assert m.pos is not None and m.id == format_position(m.pos)
-    positions = [m.pos for m in msgs]
+    positions = [m.pos for m in msgs if m.pos is not None]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     kept = await rig.pub("alice", "my-id")
     assert kept.id == "my-id" and kept.pos is not None and kept.pos > positions[-1]
@@ -339,8 +340,8 @@ async def test_redis_publish_is_one_atomic_script(redis_url: str, redis_client: 
         assert len(live) == n
         positions = [m.pos for _, m in live]
         assert all(p is not None for p in positions) and positions == sorted(positions)  # type: ignore[type-var]
-        hist = (await redis_client.xrange(keys.history_key(APP, "alice"))) + \
-            (await redis_client.xrange(keys.history_key(APP, None)))
+        hist: list[Any] = [*cast(Any, await redis_client.xrange(keys.history_key(APP, "alice"))),
+                           *cast(Any, await redis_client.xrange(keys.history_key(APP, None)))]
         hist.sort(key=lambda e: tuple(int(x) for x in e[0].split(b"-")))
         assert [(e[0].decode(), e[1][b"id"].decode()) for e in hist] == \
             [(format_position(m.pos), m.id) for _, m in live if m.pos]
@@ -375,10 +376,8 @@ async def test_python_api_and_cli_publish_write_history(redis_url: str) -> None:
 async def test_memory_broker_forgets_channels_whose_history_expired(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every user who ever got an event must not keep a history entry for good: once a channel's newest event is
     older than HISTORY_TTL, the channel is forgotten (the next publish anywhere sweeps it)."""
-    import quart_sse.broker.memory as memory_mod
-
     now = [1_000_000.0]
-    monkeypatch.setattr(memory_mod.time, "time", lambda: now[0])
+    monkeypatch.setattr("quart_sse.broker.memory.time.time", lambda: now[0])
     broker = MemoryBroker(history_size=10, history_ttl=60)
     for i in range(500):
         await broker.publish("shop", f"u{i}", None, "t", b"1")

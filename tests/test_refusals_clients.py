@@ -53,8 +53,8 @@ from tests.support import (
     token,
 )
 from tests.support_balancer import Balancer, Exchange, Outcome
+from tests.support_browser import browser
 from tests.support_faults import redis_client, until
-from tests.test_demo_browser import browser
 
 pytestmark = pytest.mark.slow
 

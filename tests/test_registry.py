@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -95,5 +97,38 @@ async def test_a_user_at_the_cap_is_admitted_while_the_release_of_its_last_strea
             assert await reg.admit(new, cap=1), f"round {i}: the pending release counted against the cap"
             old = new
         assert set(await reg.list_user("shop", "carol")) == {"new19"}
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_a_release_during_a_heartbeat_is_not_undone(redis_url: str, cluster: bool) -> None:
+    """The heartbeat re-writes the entries it listed; a stream released while that re-write is on its way must not
+    come back (it would be listed and count against its user's cap for REGISTRY_TTL). The refresh is held on its
+    way to Redis here, so that the release could reach Redis first: the order a busy pool may give them.
+    This is what left registry keys behind in tests/test_churn.py about once in five runs."""
+    r = aioredis.Redis.from_url(redis_url)
+    reg = RedisRegistry(r, ttl=30, cluster=cluster)
+    try:
+        gone, stays = ConnRecord("c0", "shop", "alice", "127.0.0.1"), ConnRecord("c1", "shop", "bob", "127.0.0.1")
+        assert await reg.admit(gone, cap=0) and await reg.admit(stays, cap=0)
+        gate = asyncio.Event()
+        real_refresh = reg._refresh
+
+        async def held_refresh(**kw: Any) -> Any:
+            await gate.wait()
+            return await real_refresh(**kw)
+
+        reg._refresh = held_refresh  # type: ignore[assignment]
+        beat = asyncio.create_task(reg.refresh())
+        await asyncio.sleep(0.05)  # the beat has listed both entries and is on its way
+        reg.release(gone)
+        await asyncio.sleep(0.1)  # the release, left alone, reaches Redis now
+        gate.set()
+        await beat
+        await reg.drain()
+        assert set(await reg.list_app("shop")) == {"bob"}
+        assert await r.exists("shop:client:alice") == 0 and await r.exists("sse:{shop}:u:alice") == 0
+        assert await r.exists("shop:client:bob") == 1
     finally:
         await r.aclose()

@@ -49,7 +49,7 @@ async def stream(srv: LiveServer, user: str, last_id: str | None = None, *, quer
 
 
 async def events(st: RawStream, n: int, timeout: float = 5.0) -> list[SseEvent]:
-    out = []
+    out: list[SseEvent] = []
     for _ in range(n):
         ev = await st.next_event(timeout)
         assert ev is not None, f"stream ended after {out}"
@@ -335,7 +335,7 @@ async def test_raw_redis_publish_is_live_only(redis_url: str) -> None:
                 assert_reset_first(st, ev)
             finally:
                 await st.close()
-            entries = await client.xrange(keys.history_key(APP, "alice"))
+            entries: Any = await client.xrange(keys.history_key(APP, "alice"))
             assert [e[1][b"id"] for e in entries] == [before.encode(), after.encode()]
     finally:
         await client.aclose()

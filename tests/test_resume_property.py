@@ -147,6 +147,7 @@ class Scenario:
         cands: list[list[int]] = []
         anchors = set()
         for j in range(len(self.pubs) - before + 1):
+            replay: list[Any]
             if last_id is None:
                 at, replay = None, []
             else:

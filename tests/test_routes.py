@@ -8,7 +8,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from quart.testing import QuartClient
@@ -22,7 +22,7 @@ from tests.support import auth, token
 async def client_for(settings: Settings) -> AsyncIterator[QuartClient]:
     app = create_app(settings)
     async with app.test_app() as ta:
-        yield ta.test_client()
+        yield cast(QuartClient, ta.test_client())
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ async def test_publish_202_with_id(client: QuartClient, settings: Settings) -> N
 @pytest.mark.parametrize("path", ["/publish/app1/alice", "/publish/app1"])
 async def test_an_empty_id_is_no_id(client: QuartClient, settings: Settings, path: str) -> None:
     """A Go struct marshalled without omitempty sends "id": "": the service assigns an id, as for a missing one."""
-    ids = []
+    ids: list[str] = []
     for body in ({"type": "t", "id": ""}, {"type": "t", "id": "", "data": 1}, [{"type": "t", "id": ""}]):
         if isinstance(body, list) and path.endswith("alice"):
             continue  # a batch goes to POST /publish/{app}
@@ -234,7 +234,7 @@ async def test_metrics_is_prometheus_text(client: QuartClient, settings: Setting
     await client.post("/publish/app1/alice", json={"type": "t"}, headers=pub_headers(settings))
     r = await client.get("/metrics")
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
-    text = (await r.get_data()).decode()
+    text = await r.get_data(as_text=True)
     assert "# TYPE sse_streams_open gauge" in text
     assert "# HELP" in text
     published = [ln for ln in text.splitlines() if ln.startswith('sse_publishes_total{kind="user"}')]

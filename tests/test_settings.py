@@ -163,3 +163,53 @@ def test_serve_with_bad_port_exits_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "APP_PORT" in out and "Traceback" not in out
     assert len(out.strip().splitlines()) == 1, out
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://u:p@h:6390/2", "unix:///run/redis.sock?db=1"])
+def test_redis_url_schemes_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    assert _load(monkeypatch, JWT_SECRET="s", REDIS_URL=url).redis_dsn == url
+
+
+def test_empty_redis_url_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _load(monkeypatch, JWT_SECRET="s", REDIS_URL="", REDIS_HOST="h").redis_dsn == "redis://h:6379/0"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://h:6379", "http://"),
+    ("localhost:6379", "no scheme"),
+    ("redis:/h", "no scheme"),
+    ("REDIS://h", "REDIS://"),  # redis-py's schemes are lower-case
+    ("tcp://user:hunter2@h:6379", "tcp://"),
+])
+def test_redis_url_bad_scheme_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch, url: str,
+                                                              shown: str) -> None:
+    msg = _config_error(monkeypatch, JWT_SECRET="s", REDIS_URL=url)
+    assert msg.startswith("invalid configuration: REDIS_URL: "), msg
+    assert "redis://" in msg and "rediss://" in msg and "unix://" in msg and shown in msg
+    assert "hunter2" not in msg  # a password in the URL is never echoed
+
+
+@pytest.mark.parametrize(("url", "part"), [
+    ("redis://127.0.0.1:abc/0", "Port"),
+    ("redis://:hunter2@h:99999/0", "Port"),
+    ("redis://h:6379/0?socket_timeout=soon", "socket_timeout"),
+])
+def test_redis_url_that_redis_py_cannot_parse(monkeypatch: pytest.MonkeyPatch, url: str, part: str) -> None:
+    msg = _config_error(monkeypatch, JWT_SECRET="s", REDIS_URL=url)
+    assert msg.startswith("invalid configuration: REDIS_URL: ") and part in msg, msg
+    assert "hunter2" not in msg
+
+
+def test_redis_cluster_over_a_unix_socket_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _config_error(monkeypatch, JWT_SECRET="s", REDIS_URL="unix:///run/redis.sock", REDIS_CLUSTER="true")
+    assert "REDIS_CLUSTER" in msg
+
+
+def test_serve_with_bad_redis_url_exits_with_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "quart_sse", "serve"],
+                          env=service_env({"REDIS_URL": "http://localhost:6379", "WORKERS": "2"}),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2
+    assert "REDIS_URL" in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1, out

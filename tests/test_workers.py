@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import RedisServer, ServiceProcess, auth, free_port, make_settings, metric_value, open_stream, token
+from tests.support import (
+    RedisServer,
+    ServiceProcess,
+    auth,
+    free_port,
+    make_settings,
+    metric_value,
+    open_stream,
+    service_env,
+    token,
+)
 
 pytestmark = pytest.mark.slow
 SETTINGS = make_settings()
@@ -56,3 +69,24 @@ async def test_two_workers_one_service(tmp_path: Path) -> None:
             await s.close()
         svc.stop()
         redis.stop()
+
+
+def test_a_worker_that_fails_at_start_up_logs_its_traceback(tmp_path: Path) -> None:
+    """WORKERS=2 and each worker's app factory raises: both tracebacks are logged and the service exits 1 (it used
+    to exit 1 without a word: os._exit skips the interpreter's own report)."""
+    code = ("import sys, quart_sse.app as a\n"
+            "def boom(*_args, **_kw):\n"
+            "    raise RuntimeError('injected start-up failure')\n"
+            "a.create_app = boom\n"
+            "from quart_sse.__main__ import main\n"
+            "sys.exit(main(['serve']))\n")
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-c", code], env=service_env({"APP_PORT": str(port), "WORKERS": "2"}),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    failed = re.findall(r"worker (\d+) failed", out)
+    exited = re.findall(r"worker (\d+) exited with code 1", out)
+    assert len(set(failed)) == 2 and set(failed) == set(exited), out
+    assert out.count("Traceback (most recent call last)") == 2, out
+    assert out.count("RuntimeError: injected start-up failure") == 2, out

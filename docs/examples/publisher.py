@@ -2,9 +2,10 @@
 
     REDIS_URL=redis://localhost:6379/0 python docs/examples/publisher.py my-app alice
 
-Needs the quart_sse package importable (run from the repository, or with it on PYTHONPATH) and the same Redis
-as the service. Events reach every open stream of the user on every instance, and a stream that reconnects with
-Last-Event-ID gets them from history, even if the service was down when they were published.
+Needs the quart_sse package: installed (`pip install -r requirements.txt .` from a checkout, or the wheel; README:
+Install), or importable from the repository. And the same Redis as the service. Events reach every open stream of
+the user on every instance, and a stream that reconnects with Last-Event-ID gets them from history, even if the
+service was down when they were published.
 """
 
 from __future__ import annotations

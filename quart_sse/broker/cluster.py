@@ -251,8 +251,6 @@ class RedisClusterBroker(RedisBroker):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._initialized = False
-        self.reroutes = 0  # channels subscribed again after their node dropped them (failovers, moved slots)
-        self.recoveries = 0  # times streams were resynced from history after such a move
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def start(self, on_message: OnMessage, on_control: OnControl, on_reconnect: OnReconnect) -> None:
@@ -467,7 +465,6 @@ class RedisClusterBroker(RedisBroker):
             old = self._where.get(ch)
             if old is not None:
                 old.forget(ch)
-                self.reroutes += 1
             self._lost.discard(ch)
             link = self._link_for(node)
             self._where[ch] = link
@@ -497,7 +494,6 @@ class RedisClusterBroker(RedisBroker):
         those copies with history in position order."""
         held, self._held = self._held, {}
         if any(ch in self._logical for ch in held):
-            self.recoveries += 1
             log.warning("redis cluster: %d channels moved to new owners; resyncing open streams from history",
                         len(held))
             if self._on_reconnect is not None:

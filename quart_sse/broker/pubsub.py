@@ -87,8 +87,6 @@ class PubSubLink:
         self._pong: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = False
-        self.reconnects = 0
-        self.attempts = 0  # connection attempts, successful or not (operators and tests see the backoff at work)
 
     # -- public API -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -194,7 +192,6 @@ class PubSubLink:
         first = True
         while True:
             proto: _Protocol | None = None
-            self.attempts += 1
             try:
                 proto = await self._connect()
                 await self._ping(proto, 3.0)  # proves AUTH went through and Redis answers
@@ -218,7 +215,6 @@ class PubSubLink:
                 self.connected = True
                 delay = 0.05
                 if not first:
-                    self.reconnects += 1
                     log.warning("redis pub/sub link re-established; %d channels resubscribed", len(chans))
                 first = False
                 self._on_up()

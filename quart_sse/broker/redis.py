@@ -285,7 +285,6 @@ class RedisBroker:
         self._on_reconnect: OnReconnect | None = None
         self._reply = keys.reply_channel(instance)
         self._was_up = False
-        self.bad_payloads = 0
         self.on_drop: Callable[[], None] | None = None
         self.link = PubSubLink(url, self._received, self._up, self._down, sharded=sharded)
 
@@ -333,7 +332,6 @@ class RedisBroker:
         try:
             msg = decode_payload(payload)
         except EventError as exc:
-            self.bad_payloads += 1
             if self.on_drop is not None:
                 self.on_drop()
             log.warning("dropped a malformed message on %s: %s", name[:200], str(exc)[:200])
