@@ -33,13 +33,20 @@ def publish_script() -> tuple[str, str]:
 
 def publish_command(sha: str, app: str, user: str | None, event_type: str, data: bytes, history_size: int,
                     history_ttl_s: int, event_id: str = "") -> bytes:
-    """EVALSHA of the publish script exactly as `RedisBroker.publish` calls it (keys, channel, args)."""
+    """EVALSHA of the publish script exactly as `RedisBroker.publish` calls it (quart_sse.broker.redis.publish_call)."""
     from quart_sse import keys
+    from quart_sse.broker.base import Outgoing
+    from quart_sse.broker.redis import publish_call
+    from quart_sse.broker.seen import MAX_SEEN_IDS
 
-    channel = keys.broadcast_channel(app) if user is None else keys.user_channel(app, user)
     size = history_size if history_ttl_s > 0 else 0
-    return resp("EVALSHA", sha, 2, keys.seq_key(app), keys.history_key(app, user), channel, event_id, event_type,
-                data, size, history_ttl_s * 1000)
+
+    def live(a: str, u: str | None) -> str:
+        return keys.broadcast_channel(a) if u is None else keys.user_channel(a, u)
+
+    script_keys, args = publish_call(app, [Outgoing(user, event_id or None, event_type, data)], size,
+                                     history_ttl_s * 1000, MAX_SEEN_IDS, live)
+    return resp("EVALSHA", sha, len(script_keys), *script_keys, *args)
 
 
 @dataclass

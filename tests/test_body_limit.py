@@ -98,7 +98,8 @@ async def test_the_drain_is_bounded_in_time() -> None:
     s = make_settings(log_level="WARNING")
     app = create_app(s)
     drain = app.asgi_app
-    assert isinstance(drain, UnreadBodyDrain) and drain.max_bytes == s.max_body_bytes + DRAIN_MAX_BYTES
+    assert isinstance(drain, UnreadBodyDrain)
+    assert drain.max_bytes == max(s.max_body_bytes, s.max_batch_bytes) + DRAIN_MAX_BYTES
     drain.max_seconds = 0.5
     srv = LiveServer(app, s.app_port)
     await srv.start()

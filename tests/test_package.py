@@ -157,7 +157,9 @@ async def test_installed_serve(bin_dir: Path, tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=svc.url) as c:
             assert (await c.get("/health")).json() == {"status": "ok"}
             demo = await c.get("/demo")
-            assert demo.status_code == 200 and "EventSource" in demo.text
+            assert demo.status_code == 200 and "/client.js" in demo.text
+            client_js = await c.get("/client.js")  # the browser client, shipped in the wheel
+            assert client_js.status_code == 200 and "export function connect" in client_js.text
         pub = await asyncio.to_thread(
             subprocess.run, [str(bin_dir / "quart-sse"), "publish", "--app", "shop", "--type", "t", "{}"],
             env=clean_env(bin_dir, JWT_SECRET=SECRET, APP_PORT=str(port)), cwd=tmp_path, capture_output=True,

@@ -224,6 +224,23 @@ def _settle(done: asyncio.Future[Published], result: Published | None, error: st
         done.set_exception(BrokerUnavailable(error))
 
 
+def publish_call(app: str, events: Sequence[Outgoing], size: int, ttl_ms: int, max_seen: int,
+                 live_channel: Callable[[str, str | None], str]) -> tuple[list[str], list[Any]]:
+    """PUBLISH_LUA's keys and arguments for `events` of `app` (also what bench/ceiling.py sends, raw)."""
+    numbers: dict[str | None, int] = {}
+    script_keys = [keys.seq_key(app)]
+    lives: list[str] = []
+    per_event: list[Any] = []
+    for ev in events:
+        c = numbers.get(ev.user)
+        if c is None:
+            c = numbers[ev.user] = len(lives) + 1
+            script_keys += (keys.history_key(app, ev.user), keys.seen_key(app, ev.user))
+            lives.append(live_channel(app, ev.user))
+        per_event += (c, ev.id or "", ev.type, ev.data)
+    return script_keys, [size, ttl_ms, max_seen, len(lives), *lives, *per_event]
+
+
 def _entry_to_message(entry: list[Any]) -> Message | None:
     """A history entry, re-checked like a raw PUBLISH (anyone with Redis access can XADD); None to skip it."""
     pos = parse_position(entry[0].decode())
@@ -400,20 +417,9 @@ class RedisBroker:
         """At most MAX_BATCH_EVENTS events in one script call (they share the app's slot on a cluster)."""
         if not events:
             return []
-        numbers: dict[str | None, int] = {}
-        script_keys = [keys.seq_key(app)]
-        lives: list[str] = []
-        per_event: list[Any] = []
-        for ev in events:
-            c = numbers.get(ev.user)
-            if c is None:
-                c = numbers[ev.user] = len(lives) + 1
-                script_keys += (keys.history_key(app, ev.user), keys.seen_key(app, ev.user))
-                lives.append(self._live_channel(app, ev.user))
-            per_event += (c, ev.id or "", ev.type, ev.data)
+        script_keys, args = publish_call(app, events, self._size, self._ttl_ms, self._max_seen, self._live_channel)
         try:
-            res = await self._publish(keys=script_keys,
-                                      args=[self._size, self._ttl_ms, self._max_seen, len(lives), *lives, *per_event])
+            res = await self._publish(keys=script_keys, args=args)
         except ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):
                 raise ScriptRefused(str(exc)) from exc
