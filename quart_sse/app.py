@@ -14,6 +14,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or load_settings()
     setup_logging(settings)
     app = Quart("quart_sse")
+    from blueprints.presence import PresenceRequest
+
+    app.request_class = PresenceRequest  # POST /presence/{app} takes 10,000 ids: a larger body than MAX_BODY_BYTES
     # no 308 HTML redirect from `/publish//u` to `/publish/u` (another route, another app): an empty segment is a 404
     app.url_map.merge_slashes = False
     app.config.update(
@@ -35,10 +38,11 @@ def create_app(settings: Settings | None = None) -> Quart:
     from blueprints.health import bp as health_bp
     from blueprints.metrics import bp as metrics_bp
     from blueprints.openapi import bp as openapi_bp
+    from blueprints.presence import bp as presence_bp
     from blueprints.publish import bp as publish_bp
     from blueprints.stream import bp as stream_bp
 
-    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp):
+    for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp, presence_bp):
         app.register_blueprint(bp)
 
     @app.before_serving
