@@ -54,6 +54,13 @@ class Metrics:
         self.webhook_delay = Histogram(
             "sse_webhook_delay_seconds", "From a presence change (the event's `at`) to the receiver's 2xx; an offline "
             "includes PRESENCE_GRACE", registry=r, buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+        for change in ("user.online", "user.offline"):  # every series from the start, at 0
+            self.presence_changes.labels(change)
+            self.webhooks_sent.labels(change)
+        for reason in ("status", "timeout", "connection"):
+            self.webhooks_retried.labels(reason)
+        for reason in ("rejected", "queue_full"):
+            self.webhooks_failed.labels(reason)
 
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

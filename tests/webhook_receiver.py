@@ -42,9 +42,11 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.port}{path}"
         self.received: list[Received] = []
         self.script: deque[int] = deque()  # statuses to answer next; then `default`
+        self.scripts: dict[str, deque[int]] = {}  # per app (the body's "app"), before `script`
         self.default = 200
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
 
     @property
@@ -61,6 +63,8 @@ class Receiver:
         self._server.close()
         for w in list(self._writers):
             w.close()
+        if self._handlers:  # each returns once its connection is closed
+            await asyncio.wait(list(self._handlers), timeout=5)
         await self._server.wait_closed()
         self._server = None
 
@@ -94,8 +98,18 @@ class Receiver:
         return self.received[n:]
 
     # -- the server ----------------------------------------------------------------------------------------------
+    def _status(self, body: bytes) -> int:
+        with contextlib.suppress(ValueError, AttributeError):
+            app_script = self.scripts.get(json.loads(body).get("app"))
+            if app_script:
+                return app_script.popleft()
+        return self.script.popleft() if self.script else self.default
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        me = asyncio.current_task()
+        if me is not None:
+            self._handlers.add(me)
         try:
             while True:
                 line = await reader.readline()
@@ -110,7 +124,7 @@ class Receiver:
                     k, _, v = h.decode("latin-1").partition(":")
                     headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status = self.script.popleft() if self.script else self.default
+                status = self._status(body)
                 self.received.append(Received(time.time(), method, path, headers, body, status))
                 self._changed.set()
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
@@ -118,6 +132,7 @@ class Receiver:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             return
         finally:
+            self._handlers.discard(me)  # type: ignore[arg-type]
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):

@@ -39,9 +39,6 @@ from .webhooks import (
 
 log = logging.getLogger("quart_sse.webhooks")
 
-#: Seconds a lease on an event lasts; its holder extends it every third of that while it delivers. An instance
-#: that died leaves its events to the others after at most this long.
-LEASE = 20.0
 USER_AGENT = "quart-sse-webhooks/0.1"
 
 
@@ -54,7 +51,7 @@ class _Job:
 class Deliverer:
     def __init__(self, outbox: Outbox, targets: Mapping[str, str], secret: bytes, *, consumer: str,
                  timeout: float, retry_max: float, concurrency: int, metrics: Metrics,
-                 on_done: Callable[[str], None], lease: float = LEASE) -> None:
+                 on_done: Callable[[str], None], lease: float) -> None:
         self.outbox = outbox
         self.targets = targets
         self.secret = secret
@@ -64,6 +61,8 @@ class Deliverer:
         self.concurrency = concurrency
         self.metrics = metrics
         self.on_done = on_done  # an event of this app was acknowledged: its user's next one can be leased
+        # seconds a lease lasts (REGISTRY_TTL: an instance silent that long is dead, for its streams and for the
+        # events it was delivering); its holder extends it every third of that
         self.lease = lease
         self._jobs: dict[tuple[str, str], _Job] = {}  # (app, user) -> the one event of that user this instance holds
         self._client: httpx.AsyncClient | None = None

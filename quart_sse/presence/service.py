@@ -50,7 +50,7 @@ class Presence:
             self.deliverer = Deliverer(
                 self.outbox, self.targets, secret, consumer=instance, timeout=settings.webhook_timeout,
                 retry_max=settings.webhook_retry_max, concurrency=settings.webhook_concurrency, metrics=metrics,
-                on_done=self._acknowledged)
+                on_done=self._acknowledged, lease=settings.registry_ttl)
         self.sweeper = Sweeper(self.state, self.deliverer, metrics)
 
     async def start(self) -> None:
