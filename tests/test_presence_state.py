@@ -126,7 +126,9 @@ async def test_first_stream_online_last_stream_offline_after_the_grace(make_back
     await b.release("a2")
     closed = time.time()
     assert await b.presence.online("shop", ["alice"]) == ["alice"]  # online during the grace
-    assert await b.sweep("shop", closed + GRACE - 0.1) == 0
+    swept = await b.presence.state.sweep("shop", closed + GRACE - 0.1)
+    assert swept.changes == 0
+    assert swept.next_visit is not None and closed + GRACE - 0.1 < swept.next_visit <= closed + GRACE  # its due
     assert await b.sweep("shop", closed + GRACE + 0.05) == 1
     assert await b.sweep("shop", closed + GRACE + 5) == 0  # once
     events = await b.queue("shop")
@@ -169,7 +171,9 @@ async def test_a_dead_instances_users_go_offline_once_their_streams_expired(make
         pytest.skip("the in-process broker has no other instance to notice a crash")
     admitted = time.time()
     await dead.admit("d1", "alice")  # then its instance dies: no release, no heartbeat
-    assert await alive.sweep("shop", admitted + TTL - 0.5) == 0  # not expired yet
+    swept = await alive.presence.state.sweep("shop", admitted + TTL - 0.5)
+    assert swept.changes == 0  # not expired yet; the sweep says when it would be
+    assert swept.next_visit is not None and admitted + TTL - 0.5 < swept.next_visit < time.time() + TTL + 0.01
     # expired: PRESENCE_GRACE after the last heartbeat is already past (grace < ttl), so the offline goes now
     assert await alive.sweep("shop", admitted + TTL + 0.3) == 1
     assert await alive.sweep("shop", admitted + TTL + 5) == 0
@@ -231,11 +235,14 @@ async def test_one_event_per_user_in_delivery_at_a_time_in_order(make_backend: A
     await b.release("a1")
     await b.sweep("shop", time.time() + GRACE + 0.05)  # alice's offline is queued behind her online
     out = b.presence.outbox
-    first = await out.claim("shop", "c1", 10, lease=30)
+    t0 = time.time()
+    first = (await out.claim("shop", "c1", 10, lease=30)).events
     assert [(e.change, e.user) for e in first] == [(Change.ONLINE, "alice"), (Change.ONLINE, "bob")]
-    assert await out.claim("shop", "c2", 10, lease=30) == []  # each user's head is leased
+    held = await out.claim("shop", "c2", 10, lease=30)
+    assert held.events == []  # each user's head is leased
+    assert held.held_until is not None and t0 + 29 < held.held_until < time.time() + 30.01  # claim again then
     await out.ack("shop", [first[0]])
-    nxt = await out.claim("shop", "c2", 10, lease=30)
+    nxt = (await out.claim("shop", "c2", 10, lease=30)).events
     assert [(e.change, e.user) for e in nxt] == [(Change.OFFLINE, "alice")]
     assert nxt[0].seq > first[0].seq
     await out.ack("shop", [first[1], nxt[0]])
@@ -246,28 +253,28 @@ async def test_a_lease_that_runs_out_is_taken_over(make_backend: Any) -> None:
     b: Backend = await make_backend()
     await b.admit("a1", "alice")
     out = b.presence.outbox
-    [ev] = await out.claim("shop", "dead", 10, lease=0.2)
-    assert await out.claim("shop", "other", 10, lease=30) == []
+    [ev] = (await out.claim("shop", "dead", 10, lease=0.2)).events
+    assert (await out.claim("shop", "other", 10, lease=30)).events == []
     await asyncio.sleep(0.3)
-    [again] = await out.claim("shop", "other", 10, lease=30)
+    [again] = (await out.claim("shop", "other", 10, lease=30)).events
     assert (again.id, again.entry) == (ev.id, ev.entry)  # the same event, the same id: at-least-once
     assert await out.extend("shop", "dead", [ev], 30) == [ev]  # the first holder learns it lost it
     assert await out.extend("shop", "other", [again], 30) == []
     await out.abandon("shop", "other", [again])  # a shutdown: the next consumer takes it at once
-    [third] = await out.claim("shop", "third", 10, lease=30)
+    [third] = (await out.claim("shop", "third", 10, lease=30)).events
     assert third.entry == ev.entry
 
 
 async def test_the_queue_cap_drops_the_oldest(make_backend: Any) -> None:
     b: Backend = await make_backend(webhook_queue_max=3)
     await b.admit("u0", "u0")
-    [held] = await b.presence.outbox.claim("shop", "c1", 1, lease=30)
+    [held] = (await b.presence.outbox.claim("shop", "c1", 1, lease=30)).events
     for i in range(1, 5):
         await b.admit(f"u{i}", f"u{i}")
     assert [e["user"] for e in await b.queue("shop")] == ["u2", "u3", "u4"]
     # the lease on the dropped event went with it; acknowledging it later harms nothing
     await b.presence.outbox.ack("shop", [held])
-    assert [e.user for e in await b.presence.outbox.claim("shop", "c2", 10, lease=30)] == ["u2", "u3", "u4"]
+    assert [e.user for e in (await b.presence.outbox.claim("shop", "c2", 10, lease=30)).events] == ["u2", "u3", "u4"]
 
 
 async def test_without_a_webhook_the_state_is_kept_and_nothing_queued(make_backend: Any) -> None:

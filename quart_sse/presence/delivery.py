@@ -5,6 +5,9 @@ one is acknowledged (quart_sse.presence.outbox), so retries of one user's event 
 other users' events flow. Outcomes (quart_sse.presence.webhooks.classify): 2xx acknowledged; 5xx, 408, 429, a
 timeout or a refused/broken connection retried after `backoff` (or the receiver's Retry-After, when longer), for as
 long as it takes; any other answer logged, counted and dropped.
+
+The client is aiohttp: on this project's machine a POST cost 0.09 ms of CPU with it, 0.7 ms with httpx on one
+connection and 2.5 ms with 32 (httpcore scans its whole pool at every request: encode/httpx#3215).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from ..broker.base import BrokerUnavailable
 from ..metrics import Metrics
@@ -65,7 +68,7 @@ class Deliverer:
         # events it was delivering); its holder extends it every third of that
         self.lease = lease
         self._jobs: dict[tuple[str, str], _Job] = {}  # (app, user) -> the one event of that user this instance holds
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -73,9 +76,10 @@ class Deliverer:
         return 0 if self._stopping else self.concurrency - len(self._jobs)
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout), follow_redirects=False, headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
+        # trust_env: HTTPS_PROXY / NO_PROXY from the environment, as operators expect of an outgoing client
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.concurrency), timeout=aiohttp.ClientTimeout(total=self.timeout),
+            headers={"User-Agent": USER_AGENT}, trust_env=True)
         self._keeper = asyncio.get_running_loop().create_task(self._keep_leases(), name="webhook-leases")
 
     async def stop(self) -> None:
@@ -92,22 +96,23 @@ class Deliverer:
         for app, events in by_app.items():
             with contextlib.suppress(BrokerUnavailable):
                 await self.outbox.abandon(app, self.consumer, events)
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    async def claim(self, app: str) -> int:
-        """Lease what this instance has room for among the app's deliverable events, and start delivering them."""
+    async def claim(self, app: str) -> float | None:
+        """Lease what this instance has room for among the app's deliverable events and start delivering them;
+        returns when to claim again should a lease that held an event back run out (Unix s), or None."""
         room = self.room()
         if room <= 0:
-            return 0
-        events = await self.outbox.claim(app, self.consumer, room, self.lease)
+            return None
+        claimed = await self.outbox.claim(app, self.consumer, room, self.lease)
         loop = asyncio.get_running_loop()
-        for ev in events:
+        for ev in claimed.events:
             old = self._jobs.get((ev.app, ev.user))
             if old is not None:  # our own lease ran out (this loop stalled) and we leased the user's head again
                 old.task.cancel()
             self._jobs[(ev.app, ev.user)] = _Job(ev, loop.create_task(self._deliver(ev)))
-        return len(events)
+        return claimed.held_until
 
     async def _deliver(self, ev: PresenceEvent) -> None:
         key = (ev.app, ev.user)
@@ -126,7 +131,7 @@ class Deliverer:
                 self.on_done(ev.app)
 
     async def _post_until_done(self, url: str, ev: PresenceEvent) -> None:
-        assert self._client is not None
+        assert self._session is not None
         body = ev.body()
         attempt = 0
         while True:
@@ -136,14 +141,15 @@ class Deliverer:
                        SIGNATURE_HEADER: signature(self.secret, ts, body), ATTEMPT_HEADER: str(attempt)}
             hint: float | None = None
             try:
-                resp = await self._client.post(url, content=body, headers=headers)
-            except httpx.TimeoutException:
+                async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                    status, hint = resp.status, retry_after(resp.headers.get("Retry-After"), self.retry_max)
+                    await _drain(resp)
+            except TimeoutError:  # aiohttp's timeouts are TimeoutErrors (asyncio.TimeoutError before 3.11)
                 outcome, reason, detail = Outcome.RETRY, RetryReason.TIMEOUT, f"no answer within {self.timeout} s"
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:  # refused, reset, DNS, a broken answer
                 outcome, reason, detail = Outcome.RETRY, RetryReason.CONNECTION, f"{type(exc).__name__}: {exc}"
             else:
-                outcome, reason, detail = classify(resp.status_code), RetryReason.STATUS, f"HTTP {resp.status_code}"
-                hint = retry_after(resp.headers.get("Retry-After"), self.retry_max)
+                outcome, reason, detail = classify(status), RetryReason.STATUS, f"HTTP {status}"
             if outcome is Outcome.DELIVERED:
                 self.metrics.webhooks_sent.labels(ev.change.value).inc()
                 self.metrics.webhook_delay.observe(max(0.0, time.time() - ev.at / 1000))
@@ -188,3 +194,17 @@ class Deliverer:
                     held = self._jobs.get((ev.app, ev.user))
                     if held is not None and held.event is ev:
                         held.task.cancel()
+
+
+#: How much of a receiver's answer body is read (and thrown away) so that its connection can be reused; a longer
+#: answer closes the connection instead.
+DRAIN_MAX = 64 * 1024
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    read = 0
+    async for chunk in resp.content.iter_any():
+        read += len(chunk)
+        if read > DRAIN_MAX:
+            resp.close()
+            return

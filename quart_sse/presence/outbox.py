@@ -30,8 +30,14 @@ from .scripts import ABANDON_LUA, ACK_LUA, CLAIM_LUA, EXTEND_LUA
 CLAIM_SCAN = 1000
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    events: list[PresenceEvent]  # leased to the caller now
+    held_until: float | None  # Unix s: the earliest live lease that held an event back (claim again then)
+
+
 class Outbox(Protocol):
-    async def claim(self, app: str, consumer: str, n: int, lease: float) -> list[PresenceEvent]:
+    async def claim(self, app: str, consumer: str, n: int, lease: float) -> Claimed:
         """Lease up to `n` deliverable events (each its user's oldest, none of whose user is leased)."""
         ...
 
@@ -61,17 +67,19 @@ class RedisOutbox:
         self._extend = redis.register_script(EXTEND_LUA)
         self._abandon = redis.register_script(ABANDON_LUA)
 
-    async def claim(self, app: str, consumer: str, n: int, lease: float) -> list[PresenceEvent]:
+    async def claim(self, app: str, consumer: str, n: int, lease: float) -> Claimed:
         k = keys.presence_keys(app)
         try:
-            raw = await self._claim(keys=[k[4], k[5]], args=[consumer, _ms(time.time()), _ms(lease), n, CLAIM_SCAN])
+            raw, held = await self._claim(keys=[k[4], k[5]],
+                                          args=[consumer, _ms(time.time()), _ms(lease), n, CLAIM_SCAN])
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
         out = []
         for entry, flat in raw:
             fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
             out.append(PresenceEvent.from_fields(app, _text(entry), fields))
-        return out
+        held_ms = _text(held)
+        return Claimed(out, int(held_ms) / 1000 if held_ms else None)
 
     async def ack(self, app: str, events: list[PresenceEvent]) -> None:
         k = keys.presence_keys(app)
@@ -153,11 +161,12 @@ class MemoryOutbox:
             return 0, None
         return len(q.entries), next(iter(q.entries))
 
-    async def claim(self, app: str, consumer: str, n: int, lease: float) -> list[PresenceEvent]:
+    async def claim(self, app: str, consumer: str, n: int, lease: float) -> Claimed:
         q = self._apps.get(app)
         out: list[PresenceEvent] = []
+        held_until: float | None = None
         if q is None or n <= 0:
-            return out
+            return Claimed(out, held_until)
         now = time.time()
         seen: set[str] = set()
         for i, (entry, fields) in enumerate(q.entries.items()):
@@ -169,12 +178,13 @@ class MemoryOutbox:
             seen.add(user)
             held = q.leases.get(user)
             if held is not None and held.entry == entry and held.deadline > now:
+                held_until = held.deadline if held_until is None else min(held_until, held.deadline)
                 continue
             q.leases[user] = _Lease(consumer, now + lease, entry)
             out.append(PresenceEvent.from_fields(app, entry, fields))
             if len(out) >= n:
                 break
-        return out
+        return Claimed(out, held_until)
 
     async def ack(self, app: str, events: list[PresenceEvent]) -> None:
         q = self._apps.get(app)

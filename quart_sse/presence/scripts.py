@@ -56,8 +56,9 @@ end
 # 1. users whose every stream expired unreleased (their instance died, or stalled past REGISTRY_TTL): their
 #    offline is due PRESENCE_GRACE after their last heartbeat (their latest expiry - REGISTRY_TTL), or now;
 # 2. offlines that are due: emitted for users still without a live stream, dropped for the others.
-# Returns {changes, dropped, next due ('' none), queue length, oldest queued entry id ('' none), more (1: a step
-# hit the limit, call again)}.
+# Returns {changes, dropped, when to sweep next ('' never: the earliest of the next due offline and the earliest
+# `on` score, when a crash would show), queue length, oldest queued entry id ('' none), more (1: a step hit the
+# limit, call again)}.
 SWEEP_LUA = EMIT_LUA + """
 local now, ttl, grace = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local prefix, limit = ARGV[6], tonumber(ARGV[7])
@@ -81,7 +82,7 @@ for i = 1, #stale, 2 do
     if due < now then due = now end
     redis.call('ZADD', P[2], 'NX', due, user)
     redis.call('HSETNX', P[3], user, string.format('%d', seen * 1000))
-    redis.call('ZADD', P[1], due + ttl, user)
+    redis.call('ZADD', P[1], tonumber(redis.call('ZSCORE', P[2], user)) + ttl, user)
   end
 end
 local ready = redis.call('ZRANGEBYSCORE', P[2], '-inf', now, 'LIMIT', 0, limit)
@@ -98,21 +99,27 @@ for _, user in ipairs(ready) do
   end
 end
 local nd = redis.call('ZRANGE', P[2], 0, 0, 'WITHSCORES')
+local ns = redis.call('ZRANGE', P[1], 0, 0, 'WITHSCORES')
+local nxt = ''
+if #nd > 0 then nxt = tonumber(nd[2]) end
+if #ns > 0 and (nxt == '' or tonumber(ns[2]) < nxt) then nxt = tonumber(ns[2]) end
+if nxt ~= '' then nxt = string.format('%.3f', nxt) end
 local oldest = redis.call('XRANGE', P[5], '-', '+', 'COUNT', 1)
 local first = ''
 if #oldest > 0 then first = oldest[1][1] end
-return {out.events, out.dropped, nd[2] or '', redis.call('XLEN', P[5]), first, more}
+return {out.events, out.dropped, nxt, redis.call('XLEN', P[5]), first, more}
 """
 
 # KEYS: queue, leases. ARGV: consumer, now (Unix ms), lease (ms), n, scan. Leases to `consumer`, until now + lease,
 # the oldest queued event of each user that has no live lease on it, at most n of them, among the `scan` oldest
 # entries. Only a user's oldest event can be leased, and the next one only once it is acknowledged: one event per
-# user in delivery at a time, in queue (= seq) order. Returns the leased entries as {id, fields}.
+# user in delivery at a time, in queue (= seq) order. Returns {the leased entries as {id, fields}, the earliest
+# deadline (ms) of the live leases that held an event back ('' none): when to claim again, should its holder die}.
 CLAIM_LUA = FIELD_LUA + """
 local now, n = tonumber(ARGV[2]), tonumber(ARGV[4])
 local deadline = string.format('%d', now + tonumber(ARGV[3]))
-local out, seen = {}, {}
-if n <= 0 then return out end
+local out, seen, held_till = {}, {}, ''
+if n <= 0 then return {out, held_till} end
 for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[5])) do
   local user = presence_field(e[2], 'user')
   if not seen[user] then
@@ -121,7 +128,10 @@ for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[5])) do
     local free = true
     if lease then
       local till, held = string.match(lease, '^[^|]*|(%d+)|(.+)$')
-      if held == e[1] and tonumber(till) > now then free = false end
+      if held == e[1] and tonumber(till) > now then
+        free = false
+        if held_till == '' or tonumber(till) < tonumber(held_till) then held_till = till end
+      end
     end
     if free then
       redis.call('HSET', KEYS[2], user, ARGV[1] .. '|' .. deadline .. '|' .. e[1])
@@ -130,7 +140,7 @@ for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[5])) do
     end
   end
 end
-return out
+return {out, held_till}
 """
 
 # KEYS: queue, leases. ARGV: user, entry id pairs. Removes the entries (delivered, or rejected by the receiver)

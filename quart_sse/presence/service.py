@@ -85,7 +85,7 @@ class Presence:
         if changes:
             self.metrics.presence_changes.labels(Change.ONLINE.value).inc(changes)
             if self.deliverer is not None:
-                self.sweeper.kick(app)
+                self.sweeper.kick(app, sweep=False)
         self.sweeper.dropped(dropped)
 
     def scheduled(self, app: str, due: float) -> None:
@@ -110,4 +110,4 @@ class Presence:
         self.scheduled(app, due)
 
     def _acknowledged(self, app: str) -> None:
-        self.sweeper.kick(app)
+        self.sweeper.kick(app, sweep=False)

@@ -34,7 +34,8 @@ class Sweep:
 
     changes: int  # offlines emitted
     dropped: int  # queued events dropped at WEBHOOK_QUEUE_MAX
-    next_due: float | None  # Unix s of the next pending offline
+    next_visit: float | None  # Unix s when to sweep again: the next pending offline, or the earliest time a
+    # dead instance's users could be found (the earliest stream expiry); None: nothing pending
     depth: int  # events queued for delivery
     oldest: float | None  # Unix s the oldest queued event was queued
     more: bool  # a step hit SWEEP_LIMIT: sweep again
@@ -167,8 +168,8 @@ class MemoryPresenceState:
                 dropped += self._emit(app, st, Change.OFFLINE, user, at)
                 changes += 1
         depth, oldest = self.outbox.backlog(app)
-        next_due = min((d for d, _ in st.due.values()), default=None) if st is not None else None
-        return Sweep(changes, dropped, next_due, depth, entry_time(oldest) if oldest else None, False)
+        next_visit = min((d for d, _ in st.due.values()), default=None) if st is not None else None
+        return Sweep(changes, dropped, next_visit, depth, entry_time(oldest) if oldest else None, False)
 
     async def online(self, app: str, users: Sequence[str]) -> list[str]:
         st = self._apps.get(app)

@@ -1,13 +1,15 @@
 """Every instance's presence loop: sweeps apps (offlines due, users whose instance died) and leases their queued
 events for delivery.
 
-An app is visited
-- every SWEEP_INTERVAL seconds (every app in the index, on every instance: no leader, since each sweep is one atomic
-  script whose effects do not depend on who runs it or how often);
-- at once when this instance queued a change of it (an admission that made a user online), or acknowledged one of
-  its events (the user's next event can go);
-- when the offline this instance scheduled falls due (a timer, so the offline leaves PRESENCE_GRACE after the close
-  to within milliseconds rather than to within a tick).
+An app is swept (SWEEP_LUA, then a claim when events wait)
+- when the next thing can happen in it: the offline this instance scheduled falls due, or the earliest stream
+  expiry passes (a dead instance's users), as the last sweep reported it, or a lease that held an event back runs
+  out, as the last claim reported it (timers: each to within milliseconds, not to within a tick);
+- every SWEEP_INTERVAL seconds, every app in the index, on every instance, as a fallback (changes another instance
+  scheduled and could not carry out). No leader: each sweep is one atomic script whose effects do not depend on
+  who runs it or how often.
+An app's events are claimed without a sweep when this instance queued one (an admission made a user online) or
+acknowledged one (the user's next event can go).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger("quart_sse.presence")
 #: Seconds between two visits of every app by one instance: the delay with which a dead instance's users are
 #: found once their streams expired, and the fallback for an offline whose instance died during the grace.
 SWEEP_INTERVAL = 1.0
+#: The shortest pause before a timed sweep.
+MIN_PAUSE = 0.05
 
 
 class Sweeper:
@@ -38,7 +42,7 @@ class Sweeper:
         self.deliverer = deliverer
         self.metrics = metrics
         self.interval = interval
-        self._kicked: dict[str, None] = {}  # apps to visit next, in order
+        self._kicked: dict[str, bool] = {}  # apps to visit next, in order -> sweep too (else claim only)
         self._wake = asyncio.Event()
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._backlog: dict[str, tuple[int, float | None]] = {}  # app -> (queued events, oldest Unix s)
@@ -54,21 +58,22 @@ class Sweeper:
             handle.cancel()
         self._timers.clear()
 
-    def kick(self, app: str) -> None:
-        """Visit `app` as soon as the loop is free."""
-        self._kicked[app] = None
+    def kick(self, app: str, *, sweep: bool = True) -> None:
+        """Visit `app` as soon as the loop is free (`sweep`: sweep it, else only claim its events)."""
+        self._kicked[app] = sweep or self._kicked.get(app, False)
         self._wake.set()
 
-    def at(self, app: str, due: float) -> None:
-        """Visit `app` at Unix time `due` (one timer per app: the earliest)."""
+    def at(self, app: str, when: float) -> None:
+        """Sweep `app` at Unix time `when` (one timer per app: the earliest; each sweep sets the next)."""
         current = self._timers.get(app)
-        if current is not None and current[0] <= due:
+        if current is not None and current[0] <= when:
             return
         if current is not None:
             current[1].cancel()
         loop = asyncio.get_running_loop()
-        handle = loop.call_later(max(0.0, due - time.time()) + 0.002, self._fire, app)
-        self._timers[app] = (due, handle)
+        # never sooner than MIN_PAUSE from now: a state that keeps saying "now" must not spin this loop
+        handle = loop.call_later(max(MIN_PAUSE, when - time.time() + 0.002), self._fire, app)
+        self._timers[app] = (when, handle)
 
     def _fire(self, app: str) -> None:
         self._timers.pop(app, None)
@@ -83,37 +88,42 @@ class Sweeper:
                     async with asyncio.timeout(max(0.0, next_tick - loop.time())):
                         await self._wake.wait()
             self._wake.clear()
-            apps, self._kicked = list(self._kicked), {}
+            apps, self._kicked = self._kicked, {}
             if loop.time() >= next_tick:
                 next_tick = loop.time() + self.interval
                 try:
-                    apps += [a for a in await self.state.apps() if a not in apps]
+                    apps.update(dict.fromkeys(await self.state.apps(), True))
                 except BrokerUnavailable as exc:
                     self._failed(exc)
                 self._report()
-            for app in apps:
+            for app, sweep in apps.items():
                 try:
-                    await self.visit(app)
+                    await self.visit(app, sweep=sweep)
                 except BrokerUnavailable as exc:
                     self._failed(exc)
                 except Exception:  # the loop every presence change depends on must not die
                     log.exception("presence sweep of app %s failed", app)
 
-    async def visit(self, app: str) -> None:
-        sweep = await self.state.sweep(app, time.time())
-        if self._failing:
-            self._failing = False
-            log.info("presence sweeps work again")
-        if sweep.changes:
-            self.metrics.presence_changes.labels(Change.OFFLINE.value).inc(sweep.changes)
-        self.dropped(sweep.dropped)
-        if sweep.next_due is not None:
-            self.at(app, sweep.next_due)
-        self._backlog[app] = (sweep.depth, sweep.oldest)
-        if self.deliverer is not None and sweep.depth:
-            await self.deliverer.claim(app)
-        if sweep.more:
-            self.kick(app)
+    async def visit(self, app: str, *, sweep: bool = True) -> None:
+        waiting = True
+        if sweep:
+            swept = await self.state.sweep(app, time.time())
+            if self._failing:
+                self._failing = False
+                log.info("presence sweeps work again")
+            if swept.changes:
+                self.metrics.presence_changes.labels(Change.OFFLINE.value).inc(swept.changes)
+            self.dropped(swept.dropped)
+            if swept.next_visit is not None:
+                self.at(app, swept.next_visit)
+            self._backlog[app] = (swept.depth, swept.oldest)
+            waiting = swept.depth > 0
+            if swept.more:
+                self.kick(app)
+        if self.deliverer is not None and waiting:
+            held_until = await self.deliverer.claim(app)
+            if held_until is not None:
+                self.at(app, held_until)
 
     def dropped(self, n: int) -> None:
         if n:
