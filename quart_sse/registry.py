@@ -500,5 +500,5 @@ class RedisRegistry:
             await asyncio.sleep(self.ttl / 3)
             try:
                 await self.refresh()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, BrokerUnavailable) as exc:  # the next beat tries again
                 log.warning("registry heartbeat failed: %s", exc)

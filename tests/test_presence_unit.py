@@ -3,6 +3,7 @@ docs/presence.md, run as written), how an answer is classified, backoff, Retry-A
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import random
@@ -29,6 +30,7 @@ from quart_sse.presence.webhooks import (
 )
 from quart_sse.registry import ConnRecord, RedisRegistry
 from quart_sse.settings import ConfigError, load_settings
+from quart_sse.tasks import cancel_and_wait
 from tests.support import ROOT, SECRET, make_settings
 
 
@@ -166,3 +168,32 @@ async def test_a_stream_released_while_its_heartbeat_is_in_flight_does_not_come_
         assert (await presence.state.sweep("shop", time.time() + 0.5)).changes == 1  # and alice goes offline
     finally:
         await r.aclose()
+
+
+async def test_the_heartbeat_survives_redis_going_away(tmp_path: Any) -> None:
+    """A beat that fails (Redis down: the presence index and the script both fail) leaves the heartbeat running;
+    the next beat after Redis is back writes the stream and its user's presence back."""
+    from tests.support import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    r = aioredis.Redis.from_url(server.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    presence = Presence(make_settings(redis_url=server.url), Metrics(), "i1", r)
+    reg = RedisRegistry(r, ttl=3, presence=presence)
+    try:
+        assert await reg.admit(ConnRecord("c1", "shop", "alice", "127.0.0.1"), cap=0)
+        await reg.start()
+        server.kill()
+        await asyncio.sleep(2.5)  # at least one beat fails meanwhile (every ttl/3 = 1 s)
+        assert reg._heartbeat is not None and not reg._heartbeat.done()
+        server.start()  # empty: as after a restart without persistence
+        for _ in range(50):  # the next beat, within ttl/3 = 1 s (Redis state: nothing to await but polling)
+            if await presence.online("shop", ["alice"]) == ["alice"]:
+                break
+            await asyncio.sleep(0.1)
+        assert await presence.online("shop", ["alice"]) == ["alice"]
+        assert set(await reg.list_user("shop", "alice")) == {"c1"}
+    finally:
+        await cancel_and_wait(reg._heartbeat)
+        await r.aclose()
+        server.stop()

@@ -63,7 +63,16 @@ class Deployment:
     kind: str
     procs: list[ServiceProcess]
     receiver: Receiver
+    env: dict[str, str]
+    tmp: Path
     delays: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    async def restart(self, i: int) -> None:
+        """A new process on the same port (the old one has exited)."""
+        old = self.procs[i]
+        old.stop()
+        self.procs[i] = ServiceProcess(old.port, self.env, self.tmp / f"svc{i}-restarted.log")
+        await self.procs[i].wait_ready()
 
     def proc(self, i: int) -> ServiceProcess:
         return self.procs[i % len(self.procs)]
@@ -121,7 +130,7 @@ async def deployment(kind: str, tmp: Path, request: pytest.FixtureRequest,
     else:
         n = 1
     procs = [ServiceProcess(free_port(), env, tmp / f"svc{i}.log") for i in range(n)]
-    dep = Deployment(kind, procs, receiver)
+    dep = Deployment(kind, procs, receiver, env, tmp)
     try:
         await asyncio.gather(*(p.wait_ready() for p in procs))
         yield dep
@@ -183,6 +192,28 @@ async def test_a_reconnect_within_the_grace_sends_nothing(kind: str, tmp_path: P
         await s.close()
         events = await dep.wait_events("shop", 2, GRACE + 10)
         assert [e["type"] for e in events] == ["user.online", "user.offline"]
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+async def test_an_instance_restart_does_not_flap(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """SIGTERM ends alice's stream with a `retry:` of up to SSE_RETRY_MS + 10 s; she comes back, to the restarted
+    instance, later than PRESENCE_GRACE but within that: nothing is sent. Then she leaves: one user.offline."""
+    async with deployment(kind, tmp_path, request) as dep:
+        s = await dep.open("alice", "shop", 0)
+        await dep.wait_events("shop", 1, 10)
+        dep.procs[0].signal(signal.SIGTERM)
+        assert b": closing" in await s.read_until_closed(timeout=15)
+        closed = time.time()
+        await s.close()
+        await dep.restart(0)
+        await asyncio.sleep(max(0.0, closed + GRACE + 1.5 - time.time()))  # the grace alone would have run out
+        s = await dep.open("alice", "shop", 0)
+        assert await dep.receiver.quiet_for(2.0) == []
+        assert [e["type"] for e in dep.events("shop")] == ["user.online"]
+        await s.close()
+        await dep.wait_events("shop", 1, GRACE + 10, kind="user.offline")
+        assert await dep.receiver.quiet_for(1.0) == []
+        assert [e["type"] for e in dep.events("shop")] == ["user.online", "user.offline"]
 
 
 @pytest.mark.parametrize("kind", ["redis", "cluster"])
