@@ -103,7 +103,7 @@ local ns = redis.call('ZRANGE', P[1], 0, 0, 'WITHSCORES')
 local nxt = ''
 if #nd > 0 then nxt = tonumber(nd[2]) end
 if #ns > 0 and (nxt == '' or tonumber(ns[2]) < nxt) then nxt = tonumber(ns[2]) end
-if nxt ~= '' then nxt = string.format('%.3f', nxt) end
+if nxt ~= '' then nxt = string.format('%.6f', nxt) end
 local oldest = redis.call('XRANGE', P[5], '-', '+', 'COUNT', 1)
 local first = ''
 if #oldest > 0 then first = oldest[1][1] end

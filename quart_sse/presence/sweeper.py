@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 
@@ -71,8 +72,11 @@ class Sweeper:
         if current is not None:
             current[1].cancel()
         loop = asyncio.get_running_loop()
-        # never sooner than MIN_PAUSE from now: a state that keeps saying "now" must not spin this loop
-        handle = loop.call_later(max(MIN_PAUSE, when - time.time() + 0.002), self._fire, app)
+        # never sooner than MIN_PAUSE from now: a state that keeps saying "now" must not spin this loop. An empty
+        # context: this is often called from a stream's release, and a timer keeps the context it was made in
+        # (Quart's request objects) until it fires
+        handle = loop.call_later(max(MIN_PAUSE, when - time.time() + 0.002), self._fire, app,
+                                 context=contextvars.Context())
         self._timers[app] = (when, handle)
 
     def _fire(self, app: str) -> None:
