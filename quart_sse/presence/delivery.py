@@ -76,11 +76,16 @@ class Deliverer:
         return 0 if self._stopping else self.concurrency - len(self._jobs)
 
     async def start(self) -> None:
-        # trust_env: HTTPS_PROXY / NO_PROXY from the environment, as operators expect of an outgoing client
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.concurrency), timeout=aiohttp.ClientTimeout(total=self.timeout),
-            headers={"User-Agent": USER_AGENT}, trust_env=True)
         self._keeper = asyncio.get_running_loop().create_task(self._keep_leases(), name="webhook-leases")
+
+    def _client(self) -> aiohttp.ClientSession:
+        """Made at the first delivery, not at start: a process that fails to start has none left open."""
+        if self._session is None:
+            # trust_env: HTTPS_PROXY / NO_PROXY from the environment, as operators expect of an outgoing client
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+                timeout=aiohttp.ClientTimeout(total=self.timeout), headers={"User-Agent": USER_AGENT}, trust_env=True)
+        return self._session
 
     async def stop(self) -> None:
         """Stop delivering; give up the leases of what is left so that another instance carries on at once."""
@@ -131,7 +136,7 @@ class Deliverer:
                 self.on_done(ev.app)
 
     async def _post_until_done(self, url: str, ev: PresenceEvent) -> None:
-        assert self._session is not None
+        session = self._client()
         body = ev.body()
         attempt = 0
         while True:
@@ -141,7 +146,7 @@ class Deliverer:
                        SIGNATURE_HEADER: signature(self.secret, ts, body), ATTEMPT_HEADER: str(attempt)}
             hint: float | None = None
             try:
-                async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                     status, hint = resp.status, retry_after(resp.headers.get("Retry-After"), self.retry_max)
                     await _drain(resp)
             except TimeoutError:  # aiohttp's timeouts are TimeoutErrors (asyncio.TimeoutError before 3.11)
