@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, RedisError
 from . import keys
 from .broker.base import BrokerUnavailable
 from .presence.scripts import EMIT_LUA
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, raise_if_cancelling
 
 log = logging.getLogger("quart_sse.registry")
 
@@ -497,6 +497,7 @@ class RedisRegistry:
 
     async def _beat(self) -> None:
         while True:
+            raise_if_cancelling()  # a cancellation the Redis client swallowed (stop() waits for this task)
             await asyncio.sleep(self.ttl / 3)
             try:
                 await self.refresh()

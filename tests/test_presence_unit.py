@@ -4,6 +4,7 @@ docs/presence.md, run as written), how an answer is classified, backoff, Retry-A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import random
@@ -197,3 +198,29 @@ async def test_the_heartbeat_survives_redis_going_away(tmp_path: Any) -> None:
         await cancel_and_wait(reg._heartbeat)
         await r.aclose()
         server.stop()
+
+
+async def test_a_loop_stops_although_a_callee_swallowed_its_cancellation() -> None:
+    """What Python 3.11's asyncio.wait_for does when the call completes as the caller is cancelled (gh-86296): the
+    cancellation is lost, the task stays `cancelling()`. The presence and heartbeat loops still stop."""
+    from quart_sse.tasks import raise_if_cancelling
+
+    rounds = 0
+
+    async def swallowing_call() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+
+    async def loop() -> None:
+        nonlocal rounds
+        while True:
+            raise_if_cancelling()
+            rounds += 1
+            await swallowing_call()
+
+    task = asyncio.get_running_loop().create_task(loop())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    assert rounds == 1

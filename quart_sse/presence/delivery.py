@@ -23,7 +23,7 @@ import aiohttp
 
 from ..broker.base import BrokerUnavailable
 from ..metrics import Metrics
-from ..tasks import cancel_and_wait
+from ..tasks import cancel_and_wait, raise_if_cancelling
 from .model import PresenceEvent
 from .outbox import Outbox
 from .webhooks import (
@@ -169,6 +169,7 @@ class Deliverer:
             level = logging.WARNING if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
             log.log(level, "webhook %s failed for event %s (attempt %d: %s); next attempt in %.1f s", url, ev.id,
                     attempt, detail, delay)
+            raise_if_cancelling()
             await asyncio.sleep(delay)
 
     async def _ack(self, ev: PresenceEvent) -> None:
@@ -181,10 +182,12 @@ class Deliverer:
                 if pause is None:
                     log.warning("could not acknowledge event %s (%s): it will be delivered again", ev.id, exc)
                     return
+                raise_if_cancelling()
                 await asyncio.sleep(pause)
 
     async def _keep_leases(self) -> None:
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(self.lease / 3)
             by_app: dict[str, list[PresenceEvent]] = {}
             for job in list(self._jobs.values()):

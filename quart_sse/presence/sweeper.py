@@ -15,14 +15,13 @@ acknowledged one (the user's next event can go).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
 
 from ..broker.base import BrokerUnavailable
 from ..metrics import Metrics
-from ..tasks import cancel_and_wait
+from ..tasks import cancel_and_wait, raise_if_cancelling
 from .delivery import Deliverer
 from .model import Change
 from .state import PresenceState
@@ -87,10 +86,13 @@ class Sweeper:
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
         while True:
+            raise_if_cancelling()
             if not self._kicked:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, next_tick - loop.time())):
-                        await self._wake.wait()
+                tick = loop.call_at(next_tick, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    tick.cancel()
             self._wake.clear()
             apps, self._kicked = self._kicked, {}
             if loop.time() >= next_tick:
@@ -99,6 +101,7 @@ class Sweeper:
                     apps.update(dict.fromkeys(await self.state.apps(), True))
                 except BrokerUnavailable as exc:
                     self._failed(exc)
+                raise_if_cancelling()
                 self._report()
             for app, sweep in apps.items():
                 try:
@@ -107,6 +110,7 @@ class Sweeper:
                     self._failed(exc)
                 except Exception:  # the loop every presence change depends on must not die
                     log.exception("presence sweep of app %s failed", app)
+                raise_if_cancelling()
 
     async def visit(self, app: str, *, sweep: bool = True) -> None:
         waiting = True
