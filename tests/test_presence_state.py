@@ -24,6 +24,8 @@ from tests.support import make_settings
 
 GRACE = 0.5
 TTL = 3
+#: Scenarios of several instances on one Redis: not the in-process broker's (one instance).
+SHARED = pytest.mark.parametrize("make_backend", ["redis", "cluster"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +152,9 @@ async def test_a_stream_opened_within_the_grace_cancels_the_offline(make_backend
     assert _kinds(await b.queue("shop")) == [("user.online", "alice"), ("user.offline", "alice")]
 
 
+@SHARED
 async def test_two_instances_one_user_one_online_one_offline(make_backend: Any) -> None:
     a, b = await make_backend(), await make_backend()
-    if a.kind == "memory":
-        pytest.skip("the in-process broker is one instance")
     await a.admit("a1", "alice")
     await b.admit("b1", "alice")
     await a.release("a1")
@@ -165,10 +166,9 @@ async def test_two_instances_one_user_one_online_one_offline(make_backend: Any) 
     assert _kinds(await a.queue("shop")) == [("user.online", "alice"), ("user.offline", "alice")]
 
 
+@SHARED
 async def test_a_dead_instances_users_go_offline_once_their_streams_expired(make_backend: Any) -> None:
     dead, alive = await make_backend(), await make_backend()
-    if dead.kind == "memory":
-        pytest.skip("the in-process broker has no other instance to notice a crash")
     admitted = time.time()
     await dead.admit("d1", "alice")  # then its instance dies: no release, no heartbeat
     swept = await alive.presence.state.sweep("shop", admitted + TTL - 0.5)
@@ -182,10 +182,9 @@ async def test_a_dead_instances_users_go_offline_once_their_streams_expired(make
     assert abs(int(events[1]["at"]) - admitted * 1000) < 1000  # `at`: its last heartbeat (here its admission)
 
 
+@SHARED
 async def test_a_dead_instance_with_a_grace_longer_than_the_ttl(make_backend: Any) -> None:
     dead, alive = await make_backend(presence_grace=10), await make_backend(presence_grace=10)
-    if dead.kind == "memory":
-        pytest.skip("the in-process broker has no other instance to notice a crash")
     admitted = time.time()
     await dead.admit("d1", "alice")
     assert await alive.sweep("shop", admitted + TTL + 0.3) == 0  # found dead; offline due at last beat + grace
@@ -193,10 +192,9 @@ async def test_a_dead_instance_with_a_grace_longer_than_the_ttl(make_backend: An
     assert await alive.sweep("shop", admitted + 10 + 0.3) == 1
 
 
+@SHARED
 async def test_a_user_back_on_another_instance_before_the_expiry_stays_online(make_backend: Any) -> None:
     dead, alive = await make_backend(), await make_backend()
-    if dead.kind == "memory":
-        pytest.skip("the in-process broker has no other instance")
     t0 = time.time()
     await dead.admit("d1", "alice")
     await asyncio.sleep(1)
@@ -206,10 +204,9 @@ async def test_a_user_back_on_another_instance_before_the_expiry_stays_online(ma
     assert await alive.presence.online("shop", ["alice"]) == ["alice"]
 
 
+@SHARED
 async def test_heartbeat_after_data_loss_announces_online_again(make_backend: Any) -> None:
     b: Backend = await make_backend()
-    if b.kind == "memory":
-        pytest.skip("nothing to lose in-process")
     await b.admit("a1", "alice")
     first = await b.queue("shop")
     if b.kind == "cluster":
