@@ -12,9 +12,11 @@ from typing import Any
 from quart import Blueprint, Response, jsonify
 
 from blueprints.publish import REPLAYED_HEADER
+from quart_sse.bodies import PRESENCE_QUERY_MAX_BYTES
 from quart_sse.broker.base import MAX_BATCH_EVENTS
 from quart_sse.http import services
 from quart_sse.ids import ID_PATTERN
+from quart_sse.presence.service import MAX_QUERY_USERS
 from quart_sse.settings import Settings
 
 bp = Blueprint("openapi", __name__)
@@ -98,6 +100,14 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                               "description": "Indexes of the events not published again: their id "
                                                              "had been published on their channel within "
                                                              "HISTORY_TTL (a retry)."}}},
+        "PresenceQuery": {"type": "object", "required": ["users"], "additionalProperties": False, "properties": {
+            "users": {"type": "array", "items": _ref("Id"), "maxItems": MAX_QUERY_USERS,
+                      "description": "User ids to ask about; repeats allowed."}}},
+        "PresenceOnline": {"type": "object", "required": ["online"], "additionalProperties": False, "properties": {
+            "online": {"type": "array", "items": _ref("Id"),
+                       "description": "Those online, in the order asked, each once."}}},
+        "PresenceUser": {"type": "object", "required": ["user", "online"], "additionalProperties": False,
+                         "properties": {"user": _ref("Id"), "online": {"type": "boolean"}}},
     }
     responses = {
         "400": _json(_ref("Error"), "Bad request: a path id or the body is invalid (the message names the field)."),
@@ -113,7 +123,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
     security_schemes = {
         "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
                    "description": "HS256 by default; claims sub (user), iss (app), exp; optional space-separated "
-                                  "scope (publish, connections)."},
+                                  "scope (publish, connections, presence)."},
         "tokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
         "seedQuery": {"type": "apiKey", "in": "query", "name": "Authorization",
                       "description": "The seed's query parameter: the raw token."},
@@ -197,6 +207,23 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "summary": "Broadcast an event to every stream of the app, or publish a batch (a JSON array of up to "
                        f"{MAX_BATCH_EVENTS} events for any users of the app and its broadcast) (scope publish)",
             "operationId": "broadcast", "parameters": [APP_PARAM], **broadcast_op}},
+        "/presence/{app}": {"post": {
+            "summary": "Which of these users are online (scope presence or connections); one Redis round trip",
+            "description": "Online: from the admission of a user's first stream anywhere until its user.offline "
+                           "webhook (PRESENCE_GRACE after its last stream closed). See docs/presence.md.",
+            "operationId": "presenceQuery", "parameters": [APP_PARAM], "security": [{"bearer": []},
+                                                                                    {"tokenQuery": []},
+                                                                                    {"seedQuery": []}],
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("PresenceQuery"),
+                                                                 "example": {"users": ["alice", "bob"]}}}},
+            "responses": {"200": _json(_ref("PresenceOnline"), "The online ones."),
+                          "413": _json(_ref("Error"), f"More than {MAX_QUERY_USERS} users, or a body over "
+                                                      f"{PRESENCE_QUERY_MAX_BYTES} bytes."),
+                          **_errors(400, 401, 403, 503)}}},
+        "/presence/{app}/{user}": {"get": {
+            "summary": "Whether one user is online (that user, or scope presence or connections)",
+            "operationId": "presenceUser", "parameters": [APP_PARAM, USER_PARAM], "security": TOKEN_AUTH,
+            "responses": {"200": _json(_ref("PresenceUser"), "The answer."), **_errors(400, 401, 403, 503)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics", "security": [],
                              "responses": {"200": {"description": "Prometheus text exposition format.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None, adapter: ServerAdapter | None =
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
-    app.request_class = bodies.request_class(settings.max_batch_bytes)  # MAX_BATCH_BYTES on the batch route only
+    app.request_class = bodies.request_class(settings.max_batch_bytes)  # larger limits on two routes (bodies.py)
     # an answer given before the body was read (413 above all) reaches the client instead of a TCP reset
     app.asgi_app = UnreadBodyDrain(  # type: ignore[method-assign,assignment]
         app.asgi_app, max(settings.max_body_bytes, settings.max_batch_bytes) + DRAIN_MAX_BYTES)
@@ -43,11 +43,12 @@ def create_app(settings: Settings | None = None, adapter: ServerAdapter | None =
     from blueprints.health import bp as health_bp
     from blueprints.metrics import bp as metrics_bp
     from blueprints.openapi import bp as openapi_bp
+    from blueprints.presence import bp as presence_bp
     from blueprints.publish import bp as publish_bp
     from blueprints.stream import bp as stream_bp
 
     for bp in (health_bp, stream_bp, connections_bp, publish_bp, metrics_bp, demo_bp, openapi_bp,
-               client_bp):
+               client_bp, presence_bp):
         app.register_blueprint(bp)
 
     @app.before_serving

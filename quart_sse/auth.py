@@ -27,6 +27,7 @@ log = logging.getLogger("quart_sse.auth")
 
 SCOPE_PUBLISH = "publish"
 SCOPE_CONNECTIONS = "connections"
+SCOPE_PRESENCE = "presence"  # who is online (GET/POST /presence): less than `connections`, which also lists and kicks
 
 
 @dataclass(frozen=True, slots=True)

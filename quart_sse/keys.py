@@ -57,3 +57,17 @@ def ticket_key(ticket: str) -> str:
 
 def reply_channel(instance: str) -> str:
     return f"sse:reply:{instance}"
+
+
+#: Every app that ever had presence state: the sweepers of all instances visit each of them (its own slot).
+PRESENCE_APPS = "sse:presence:apps"
+
+#: One app's presence keys, in the order the presence scripts take them as KEYS (quart_sse.presence.scripts):
+#: online users (zset: user -> when to look for a crashed instance), pending offlines (zset: user -> due time),
+#: when each pending user's last stream closed (hash), the app's last seq, the webhook queue (stream), the
+#: delivery leases (hash: user -> "consumer|deadline ms|entry id"). All in the app's slot, beside its registry sets.
+PRESENCE_PARTS = ("on", "due", "gone", "seq", "q", "fly")
+
+
+def presence_keys(app: str) -> list[str]:
+    return [f"sse:{{{app}}}:p:{part}" for part in PRESENCE_PARTS]

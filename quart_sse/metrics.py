@@ -19,6 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .adapter import StreamPath
+from .presence.model import Change
+from .presence.webhooks import FailReason, RetryReason
 from .stream import RefusalReason
 
 
@@ -72,6 +74,30 @@ class Metrics:
         self.replays = Counter("sse_history_replays", "Streams resumed from history", registry=r)
         self.resets = Counter("sse_history_resets", "Streams told to reset: history could not cover the gap",
                               registry=r)
+        # presence and its webhooks (docs/presence.md)
+        self.presence_changes = Counter("sse_presence_changes", "Presence changes this instance decided, by type",
+                                        ["type"], registry=r)
+        self.webhooks_sent = Counter("sse_webhooks_sent", "Webhook events the receiver accepted (2xx), by type",
+                                     ["type"], registry=r)
+        self.webhooks_retried = Counter(
+            "sse_webhooks_retried", "Webhook attempts that failed and will be retried, by reason "
+            "(status: 5xx/408/429, timeout, connection)", ["reason"], registry=r)
+        self.webhooks_failed = Counter(
+            "sse_webhooks_failed", "Webhook events given up, by reason (rejected: the receiver answered another "
+            "4xx or a 3xx; queue_full: dropped, oldest first, at WEBHOOK_QUEUE_MAX)", ["reason"], registry=r)
+        self.webhook_queue_depth = Gauge(
+            "sse_webhook_queue_depth", "Webhook events waiting for delivery, all apps, cluster-wide (as this "
+            "instance last saw it: take the max across instances, not the sum)", registry=r, multiprocess_mode="max")
+        self.webhook_oldest_age = Gauge(
+            "sse_webhook_oldest_age_seconds", "Age of the oldest undelivered webhook event, cluster-wide (0: none)",
+            registry=r, multiprocess_mode="max")
+        self.webhook_delay = Histogram(
+            "sse_webhook_delay_seconds", "From a presence change (the event's `at`) to the receiver's 2xx; an offline "
+            "includes PRESENCE_GRACE", registry=r, buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+        init_labels(self.presence_changes, Change)
+        init_labels(self.webhooks_sent, Change)
+        init_labels(self.webhooks_retried, RetryReason)
+        init_labels(self.webhooks_failed, FailReason)
         init_labels(self.streams_refused, RefusalReason)
         init_labels(self.stream_path, StreamPath)
         init_labels(self.publishes, PublishKind)

@@ -20,7 +20,8 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import keys
 from .broker.base import BrokerUnavailable
-from .tasks import cancel_and_wait
+from .presence.scripts import EMIT_LUA
+from .tasks import cancel_and_wait, raise_if_cancelling
 
 log = logging.getLogger("quart_sse.registry")
 
@@ -71,9 +72,46 @@ class Registry(Protocol):
         ...
 
 
+class PresenceLink(Protocol):
+    """What the Redis registry's scripts need from presence (quart_sse.presence.service.Presence): the registry's
+    admit, release and heartbeat decide every user's online/offline in the same atomic script that counts its
+    streams (docs/presence.md)."""
+
+    queue_max: int
+
+    def queued(self, app: str) -> bool:
+        """Whether the app's changes go to the webhook queue."""
+        ...
+
+    def release_delay(self) -> float:
+        """Seconds from a user's last close to its offline (PRESENCE_GRACE, more while shutting down)."""
+        ...
+
+    def changed(self, app: str, changes: int, dropped: int) -> None:
+        """Scripts made `changes` users of `app` online and dropped `dropped` queued events at the cap."""
+        ...
+
+    def scheduled(self, app: str, due: float) -> None:
+        """A user's last stream closed: its offline is due at Unix time `due`."""
+        ...
+
+    async def index(self, *apps: str, force: bool = False) -> None:
+        """Make sure every instance's sweeper visits these apps."""
+        ...
+
+
+class MemoryPresenceLink(Protocol):
+    """The in-process registry tells presence of first and last streams (quart_sse.presence.service.Presence)."""
+
+    def admitted(self, app: str, user: str) -> None: ...
+
+    def released(self, app: str, user: str) -> None: ...
+
+
 class MemoryRegistry:
-    def __init__(self) -> None:
+    def __init__(self, presence: MemoryPresenceLink | None = None) -> None:
         self._apps: dict[str, dict[str, dict[str, ConnRecord]]] = {}
+        self.presence = presence
 
     async def start(self) -> None:
         pass
@@ -89,17 +127,19 @@ class MemoryRegistry:
                 del users[rec.user]
             return False
         conns[rec.id] = rec
+        if self.presence is not None:
+            self.presence.admitted(rec.app, rec.user)
         return True
 
     def release(self, rec: ConnRecord) -> None:
         users = self._apps.get(rec.app, {})
         conns = users.get(rec.user)
-        if conns is not None:
-            conns.pop(rec.id, None)
-            if not conns:
-                del users[rec.user]
-                if not users:
-                    self._apps.pop(rec.app, None)
+        if conns is not None and conns.pop(rec.id, None) is not None and not conns:
+            del users[rec.user]
+            if not users:
+                self._apps.pop(rec.app, None)
+            if self.presence is not None:
+                self.presence.released(rec.app, rec.user)
 
     async def released(self, *recs: ConnRecord) -> None:
         pass
@@ -114,43 +154,77 @@ class MemoryRegistry:
         pass
 
 
-# KEYS: user set, app set. ARGV: now, expiry, member, cap, ttl seconds, then, outside a cluster (where it lives in
-# another slot), the seed hash to write: its key, app, user, channel. One round trip per new stream.
-ADMIT_LUA = """
+# KEYS: user set, app set, then with presence the app's presence keys (quart_sse.keys.presence_keys). ARGV: now,
+# expiry, member, cap, ttl seconds, the seed hash to write ('' in a cluster, where it lives in another slot), app,
+# user, channel, presence ('': off; '0': state only; '1': and queue webhooks), queue cap, now in ms. One round trip
+# per new stream. Returns {admitted, changes, dropped}: a user not online yet becomes online (a change); one whose
+# offline was pending stays online and the offline is cancelled.
+ADMIT_LUA = EMIT_LUA + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local cap = tonumber(ARGV[4])
-if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then return 0 end
+if cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then return {0, 0, 0} end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-if ARGV[6] then
+if ARGV[6] ~= '' then
   redis.call('HSET', ARGV[6], 'application_id', ARGV[7], 'user_id', ARGV[8], 'channel_id', ARGV[9])
   redis.call('EXPIRE', ARGV[6], ARGV[5])
 end
-return 1
+local out = {events = 0, dropped = 0, queue = ARGV[10], cap = tonumber(ARGV[11])}
+if ARGV[10] ~= '' then
+  local P, user = {KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]}, ARGV[8]
+  if not redis.call('ZSCORE', P[1], user) then
+    redis.call('ZADD', P[1], ARGV[2], user)
+    presence_emit(P, 'user.online', user, ARGV[12], out)
+  elseif redis.call('ZREM', P[2], user) == 1 then
+    redis.call('HDEL', P[3], user)
+    redis.call('ZADD', P[1], ARGV[2], user)
+  else
+    redis.call('ZADD', P[1], 'GT', ARGV[2], user)
+  end
+end
+return {1, out.events, out.dropped}
 """
 
-# KEYS: user set, app set. ARGV: member, now, then outside a cluster the seed hash to delete with the user's last
-# stream. Returns how many live streams the user still has.
+# KEYS: user set, app set, then with presence the app's `on`, `due` and `gone` keys. ARGV: member, now, the seed
+# hash to delete with the user's last stream ('' in a cluster), user, presence ('' off), when the offline is due,
+# now in ms, ttl. Returns how many live streams the user still has. The user's last stream schedules its offline
+# (its `on` score moves past the due time, so the crash detection leaves it alone); otherwise its `on` score
+# becomes its streams' latest expiry.
 RELEASE_LUA = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local left = redis.call('ZCARD', KEYS[1])
-if left == 0 and ARGV[3] then redis.call('DEL', ARGV[3]) end
+if left == 0 and ARGV[3] ~= '' then redis.call('DEL', ARGV[3]) end
+local user = ARGV[4]
+if ARGV[5] ~= '' and redis.call('ZSCORE', KEYS[3], user) and not redis.call('ZSCORE', KEYS[4], user) then
+  if left == 0 then
+    redis.call('ZADD', KEYS[4], ARGV[6], user)
+    redis.call('HSET', KEYS[5], user, ARGV[7])
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[6]) + tonumber(ARGV[8]), user)
+  else
+    redis.call('ZADD', KEYS[3], redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2], user)
+  end
+end
 return left
 """
 
 
-# KEYS: app set. ARGV: expiry, ttl, '1' to refresh the seed hashes here too (not in a cluster: other slots), app,
-# user-set key prefix, seed-hash prefix, channel prefix, then user, member pairs. Re-writes (not only re-expires):
-# after a Redis restart the entries are gone and come back with the next beat.
-REFRESH_LUA = """
+# KEYS: app set, then with presence the app's presence keys. ARGV: expiry, ttl, '1' to refresh the seed hashes here
+# too (not in a cluster: other slots), app, user-set key prefix, seed-hash prefix, channel prefix, presence ('' off,
+# '0' state, '1' and queue), queue cap, now in ms, then user, member pairs. Re-writes (not only re-expires): after a
+# Redis restart the entries are gone and come back with the next beat, and a user that presence does not know as
+# online (Redis lost it, or this instance stalled past the ttl and was taken for dead) becomes online again.
+# Returns {streams, changes, dropped}.
+REFRESH_LUA = EMIT_LUA + """
 local expiry, ttl, seed, app = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local uprefix, sprefix, cprefix = ARGV[5], ARGV[6], ARGV[7]
+local out = {events = 0, dropped = 0, queue = ARGV[8], cap = tonumber(ARGV[9])}
+local P = {KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]}
 local done = {}
-for i = 8, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local user, member = ARGV[i], ARGV[i + 1]
   local ukey = uprefix .. user
   redis.call('ZADD', KEYS[1], expiry, member)
@@ -165,18 +239,28 @@ for i = 8, #ARGV, 2 do
         redis.call('EXPIRE', h, ttl)
       end
     end
+    if ARGV[8] ~= '' then
+      if redis.call('ZSCORE', P[1], user) then
+        redis.call('ZADD', P[1], 'GT', expiry, user)
+      else
+        redis.call('ZADD', P[1], expiry, user)
+        presence_emit(P, 'user.online', user, ARGV[10], out)
+      end
+    end
   end
 end
 redis.call('EXPIRE', KEYS[1], ttl)
-return (#ARGV - 7) / 2
+return {(#ARGV - 10) / 2, out.events, out.dropped}
 """
 
 
 class RedisRegistry:
-    def __init__(self, redis: aioredis.Redis, ttl: int, *, cluster: bool = False) -> None:
+    def __init__(self, redis: aioredis.Redis, ttl: int, *, cluster: bool = False,
+                 presence: PresenceLink | None = None) -> None:
         self.redis = redis
         self.ttl = ttl
         self.cluster = cluster
+        self.presence = presence
         self._admit = redis.register_script(ADMIT_LUA)
         self._release = redis.register_script(RELEASE_LUA)
         self._refresh = redis.register_script(REFRESH_LUA)
@@ -186,8 +270,8 @@ class RedisRegistry:
         self._user_releasing: dict[tuple[str, str], asyncio.Task[None]] = {}  # the latest release of each user
         self._batch_task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        # set while a refresh is on its way to Redis: releases made meanwhile wait for it (see _after_refresh)
-        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshing: set[str] = set()  # ids in the heartbeat script call now in flight
+        self._released_meanwhile: list[ConnRecord] = []  # released while their heartbeat was in flight
 
     async def start(self) -> None:
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="registry-heartbeat")
@@ -204,14 +288,22 @@ class RedisRegistry:
         pending = self._user_releasing.get((rec.app, rec.user)) if cap else None
         if pending is not None:  # a stream of this user that just left must not count against the cap here
             await self._wait({pending})
-        now = time.time()
         h = keys.seed_client_hash(rec.app, rec.user)
-        args: list[bytes | str | float] = [now, now + self.ttl, rec.member, cap, self.ttl]
-        if not self.cluster:  # the seed hash in the same script: one round trip per new stream
-            args += [h, rec.app, rec.user, keys.user_channel(rec.app, rec.user)]
+        script_keys = [keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)]
         try:
-            ok = await self._admit(keys=[keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)],
-                                   args=args)
+            if self.presence is not None:  # before the first state of the app: every sweeper must know it
+                await self.presence.index(rec.app)
+            now = time.time()
+            # outside a cluster the seed hash is written in the same script: one round trip per new stream
+            args: list[bytes | str | float] = [now, now + self.ttl, rec.member, cap, self.ttl,
+                                               "" if self.cluster else h, rec.app, rec.user,
+                                               keys.user_channel(rec.app, rec.user), *self._presence_args(rec.app)]
+            if self.presence is not None:
+                script_keys += keys.presence_keys(rec.app)
+            ok, changes, dropped = await self._admit(keys=script_keys, args=args)
+            if changes or dropped:
+                assert self.presence is not None
+                self.presence.changed(rec.app, int(changes), int(dropped))
             if not ok:
                 return False
             if self.cluster:  # in another slot than the sets
@@ -225,11 +317,19 @@ class RedisRegistry:
         self.local[rec.id] = rec
         return True
 
+    def _presence_args(self, app: str) -> list[bytes | str | float]:
+        """ADMIT_LUA's and REFRESH_LUA's presence arguments: mode, queue cap, now in ms."""
+        if self.presence is None:
+            return ["", 0, 0]
+        return ["1" if self.presence.queued(app) else "0", self.presence.queue_max, int(time.time() * 1000)]
+
     def release(self, rec: ConnRecord) -> None:
         """Outside a cluster, the releases of one loop iteration go to Redis together: one pipeline for the
         thousands of streams a shutdown or a DELETE ends at once (one round trip each took 3.3 s for 15,000)."""
         if self.local.pop(rec.id, None) is None:
             return
+        if rec.id in self._refreshing:  # the heartbeat in flight would write it back: release it again after
+            self._released_meanwhile.append(rec)
         if self.cluster:  # per-slot routing, and the seed hash in another slot: one by one
             task = asyncio.get_running_loop().create_task(self._do_release(rec))
             self._releasing[rec.id] = task
@@ -252,15 +352,7 @@ class RedisRegistry:
             if task is not None and self._user_releasing.get((r.app, r.user)) is task:
                 del self._user_releasing[(r.app, r.user)]
 
-    async def _after_refresh(self) -> None:
-        """A release must reach Redis after a refresh that listed its stream, or the refresh's re-write (ZADD, and
-        the seed hash when absent) brings the entry back for REGISTRY_TTL: listed, and counted against its user's
-        cap. The two travel on different pool connections, so only waiting orders them."""
-        if self._refreshing is not None:
-            await asyncio.shield(self._refreshing)
-
     async def _release_batch(self, batch: list[ConnRecord]) -> None:
-        await self._after_refresh()
         if self._batch is batch:  # releases from here on start the next batch
             self._batch = None
         if len(batch) == 1:  # the common case (a client left): one script call
@@ -279,6 +371,8 @@ class RedisRegistry:
                 for rec, res in zip(chunk, results, strict=True):
                     if isinstance(res, NoScriptError):  # a restarted Redis: the script call loads it again
                         await self._do_release(rec)
+                    elif res == 0:
+                        self._last_closed(rec, now)
             except (RedisError, OSError) as exc:
                 log.warning("could not release %d connections (%s); they expire within %d s", len(chunk), exc,
                             self.ttl)
@@ -302,18 +396,30 @@ class RedisRegistry:
 
     def _release_call(self, rec: ConnRecord, now: float) -> tuple[list[str], list[bytes | str | float]]:
         """RELEASE_LUA's keys and arguments; outside a cluster the script deletes the seed hash with the last stream."""
-        args: list[bytes | str | float] = [rec.member, now]
-        if not self.cluster:
-            args.append(keys.seed_client_hash(rec.app, rec.user))
-        return [keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)], args
+        script_keys = [keys.user_conns_key(rec.app, rec.user), keys.app_conns_key(rec.app)]
+        seed = "" if self.cluster else keys.seed_client_hash(rec.app, rec.user)
+        args: list[bytes | str | float] = [rec.member, now, seed, rec.user]
+        if self.presence is None:
+            args += ["", 0, 0, self.ttl]
+        else:
+            script_keys += keys.presence_keys(rec.app)[:3]
+            args += ["1", now + self.presence.release_delay(), int(now * 1000), self.ttl]
+        return script_keys, args
+
+    def _last_closed(self, rec: ConnRecord, now: float) -> None:
+        """The user's last stream is gone: its offline falls due at the time RELEASE_LUA was given."""
+        if self.presence is not None:
+            self.presence.scheduled(rec.app, now + self.presence.release_delay())
 
     async def _do_release(self, rec: ConnRecord) -> None:
-        await self._after_refresh()
         try:
-            script_keys, args = self._release_call(rec, time.time())
+            now = time.time()
+            script_keys, args = self._release_call(rec, now)
             left = await self._release(keys=script_keys, args=args)
-            if not left and self.cluster:
-                await self.redis.delete(keys.seed_client_hash(rec.app, rec.user))
+            if not left:
+                self._last_closed(rec, now)
+                if self.cluster:
+                    await self.redis.delete(keys.seed_client_hash(rec.app, rec.user))
         except (RedisError, OSError) as exc:
             log.warning("could not release connection %s (%s); it expires within %d s", rec.id, exc, self.ttl)
 
@@ -337,33 +443,42 @@ class RedisRegistry:
         """Re-write (not only re-expire) every local entry: after a Redis restart they are gone.
 
         One script call per app and 1,000 streams: a pipeline of six commands per stream cost ~60 % of a core
-        every beat at 19,000 streams (redis-py's per-command overhead), the script a few milliseconds."""
-        if self._refreshing is not None:  # one at a time (the heartbeat's and a caller's)
-            await asyncio.shield(self._refreshing)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._refreshing = done
-        try:
-            await self._refresh_listed()
-        finally:
-            self._refreshing = None
-            done.set_result(None)
-
-    async def _refresh_listed(self) -> None:
+        every beat at 19,000 streams (redis-py's per-command overhead), the script a few milliseconds. Each call
+        takes the streams still open when it is made, and a stream released while its call is in flight (which
+        may write it back) is released again after it: no closed stream lingers in listings, caps and presence."""
         by_app: dict[str, list[ConnRecord]] = {}
         for rec in list(self.local.values()):
             by_app.setdefault(rec.app, []).append(rec)
-        expiry = time.time() + self.ttl
+        if self.presence is not None and by_app:  # again each beat: a Redis restart may have lost the index
+            await self.presence.index(*by_app, force=True)
         seed = "0" if self.cluster else "1"
         for app, recs in by_app.items():
-            head: list[bytes | str | float] = [expiry, self.ttl, seed, app, keys.user_conns_key(app, ""),
-                                               keys.seed_client_hash(app, ""), keys.user_channel(app, "")]
             for i in range(0, len(recs), 1000):
-                pairs: list[bytes | str | float] = []
-                for rec in recs[i:i + 1000]:
-                    pairs += (rec.user, rec.member)
-                await self._refresh(keys=[keys.app_conns_key(app)], args=head + pairs)
+                chunk = [r for r in recs[i:i + 1000] if r.id in self.local]
+                if chunk:
+                    await self._refresh_chunk(app, chunk, seed)
             if self.cluster:  # the seed hashes live in other slots: refresh them one by one
-                await self._refresh_seed_hashes(app, sorted({r.user for r in recs}))
+                await self._refresh_seed_hashes(app, sorted({r.user for r in recs if r.id in self.local}))
+
+    async def _refresh_chunk(self, app: str, chunk: list[ConnRecord], seed: str) -> None:
+        args: list[bytes | str | float] = [time.time() + self.ttl, self.ttl, seed, app, keys.user_conns_key(app, ""),
+                                           keys.seed_client_hash(app, ""), keys.user_channel(app, ""),
+                                           *self._presence_args(app)]
+        for rec in chunk:
+            args += (rec.user, rec.member)
+        script_keys = [keys.app_conns_key(app)]
+        if self.presence is not None:
+            script_keys += keys.presence_keys(app)
+        self._refreshing = {r.id for r in chunk}
+        try:
+            _, changes, dropped = await self._refresh(keys=script_keys, args=args)
+        finally:
+            self._refreshing = set()
+            again, self._released_meanwhile = self._released_meanwhile, []
+            for rec in again:
+                await self._do_release(rec)
+        if self.presence is not None and (changes or dropped):
+            self.presence.changed(app, int(changes), int(dropped))
 
     async def _refresh_seed_hashes(self, app: str, users: list[str]) -> None:
         async with self.redis.pipeline(transaction=False) as p:
@@ -382,8 +497,9 @@ class RedisRegistry:
 
     async def _beat(self) -> None:
         while True:
+            raise_if_cancelling()  # a cancellation the Redis client swallowed (stop() waits for this task)
             await asyncio.sleep(self.ttl / 3)
             try:
                 await self.refresh()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, BrokerUnavailable) as exc:  # the next beat tries again
                 log.warning("registry heartbeat failed: %s", exc)

@@ -20,6 +20,7 @@ from .control import Control
 from .events import Message, format_position
 from .hub import Hub
 from .metrics import Metrics
+from .presence.service import Presence
 from .publisher import Publisher
 from .registry import MemoryRegistry, RedisRegistry, Registry
 from .settings import Settings
@@ -56,11 +57,14 @@ class Services:
                 rb = RedisBroker(dsn, self.instance, settings.history_size, settings.history_ttl)
             rb.on_drop = self.metrics.events_dropped.inc
             self.broker = rb
-            self.registry = RedisRegistry(rb.redis, settings.registry_ttl, cluster=settings.redis_cluster)
+            self.presence = Presence(settings, self.metrics, self.instance, rb.redis)
+            self.registry = RedisRegistry(rb.redis, settings.registry_ttl, cluster=settings.redis_cluster,
+                                          presence=self.presence)
             self.tickets = RedisTickets(rb.redis)
         else:
             self.broker = MemoryBroker(settings.history_size, settings.history_ttl)
-            self.registry = MemoryRegistry()
+            self.presence = Presence(settings, self.metrics, self.instance, None)
+            self.registry = MemoryRegistry(self.presence)
             self.tickets = MemoryTickets()
         self.hub = Hub(self.broker, settings.ping_interval)
         self.hub.on_deliver = self._delivered
@@ -100,11 +104,13 @@ class Services:
             self.metrics.stream_path.labels(path.value).set(1 if path is self.stream_path else 0)
         await self.broker.start(self.hub.dispatch, self.control.handle, self._on_reconnect)
         await self.registry.start()
+        await self.presence.start()
         self.hub.start()
 
     def begin_shutdown(self) -> int:
         """End every stream with a jittered `retry:` so that clients do not all come back in the same second."""
         self.shutting_down = True
+        self.presence.begin_shutdown((self.settings.sse_retry_ms + 10_000) / 1000)  # goodbye_retry_ms(SHUTDOWN) at most
         return self.hub.close_all(CloseReason.SHUTDOWN)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -121,6 +127,7 @@ class Services:
             self._resync.cancel()
         await self.hub.stop()
         await self.registry.stop()
+        await self.presence.stop()
         await self.broker.close()
 
     def _redacted(self) -> str:

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .presence.webhooks import parse_targets
+
 #: URL schemes REDIS_URL may use (redis-py: TCP, TLS, Unix socket).
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -89,6 +91,24 @@ class Settings(BaseSettings):
     graceful_timeout: float = Field(
         5.0, ge=0,
         description="Seconds a SIGTERM waits for open requests; keep a container's stop grace period above it.")
+    presence_grace: float = Field(
+        5.0, ge=0, le=3600, description="Seconds after a user's last stream closed before user.offline is sent (a "
+        "stream opened within it sends nothing); a stream the server ends at shutdown adds SSE_RETRY_MS + 10 s.")
+    webhook_url: str | None = Field(
+        None, description="Where presence webhooks go: one http(s) URL for every app, or a JSON object of app id -> "
+        'URL where "*" names the URL of the apps not listed; unset: no webhooks.')
+    webhook_secret: SecretStr | None = Field(
+        None, description="Key of the webhooks' HMAC-SHA256 X-Signature; required with WEBHOOK_URL (production: at "
+        "least 32 bytes).")
+    webhook_queue_max: int = Field(
+        100_000, ge=1, description="Undelivered webhook events kept per app (in Redis, or in the process); beyond "
+        "it the oldest are dropped, counted in sse_webhooks_failed{reason=queue_full}.")
+    webhook_timeout: float = Field(5.0, gt=0, le=60, description="Seconds one webhook attempt may take.")
+    webhook_retry_max: float = Field(
+        60.0, gt=0, le=3600, description="Longest wait between two attempts of a failing webhook, in seconds (the "
+        "wait doubles from 0.5 s; a receiver's Retry-After is honoured up to this).")
+    webhook_concurrency: int = Field(
+        16, ge=1, le=1000, description="Webhook requests in flight per instance (one per user at a time).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
         None, description="DEBUG, INFO, WARNING or ERROR; unset: INFO.")
 
@@ -140,7 +160,19 @@ class Settings(BaseSettings):
             raise ValueError(f"JWT_PUBLIC_KEY: required for JWT_ALGORITHM={self.jwt_algorithm}")
         if self.jwt_algorithm[:2] in ("RS", "ES") and self.jwt_public_key:
             self.jwt_public_key = _check_public_key(self.jwt_algorithm, self.jwt_public_key)
+        self._check_webhooks()
         return self
+
+    def _check_webhooks(self) -> None:
+        try:
+            targets = parse_targets(self.webhook_url)
+        except ValueError as exc:
+            raise ValueError(f"WEBHOOK_URL: {exc}") from None
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        if targets and not secret:
+            raise ValueError("WEBHOOK_SECRET: required when WEBHOOK_URL is set (it signs every webhook)")
+        if targets and self.app_mode == "production" and len(secret.encode()) < 32:
+            raise ValueError("WEBHOOK_SECRET: production needs a secret of at least 32 bytes")
 
     @property
     def debug(self) -> bool:

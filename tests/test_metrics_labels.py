@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quart_sse.adapter import StreamPath
 from quart_sse.metrics import Metrics, PublishKind
+from quart_sse.presence.model import Change
+from quart_sse.presence.webhooks import FailReason, RetryReason
 from quart_sse.stream import RefusalReason
 from tests.support import ServiceProcess, free_port, live_server, make_settings
 from tests.support import metric_value as metric
@@ -24,6 +26,10 @@ from tests.support import metric_value as metric
 LABELLED: dict[str, tuple[str, type[Enum]]] = {
     "sse_publishes_total": ("kind", PublishKind),
     "sse_streams_refused_total": ("reason", RefusalReason),
+    "sse_presence_changes_total": ("type", Change),
+    "sse_webhooks_sent_total": ("type", Change),
+    "sse_webhooks_retried_total": ("reason", RetryReason),
+    "sse_webhooks_failed_total": ("reason", FailReason),
 }
 
 
@@ -52,7 +58,8 @@ def test_every_metric_family_has_samples_from_the_start() -> None:
     assert empty == []
     labelled = {f.name for f in families if not f.name.endswith("_created")  # the text format's companions
                 for s in f.samples if s.labels and not s.name.endswith("_bucket")}
-    assert labelled == {"sse_publishes", "sse_streams_refused", "sse_stream_path"}, \
+    assert labelled == {"sse_publishes", "sse_streams_refused", "sse_stream_path", "sse_presence_changes",
+                        "sse_webhooks_sent", "sse_webhooks_retried", "sse_webhooks_failed"}, \
         "a new labelled metric: add it to LABELLED"
     _assert_every_label_at_zero(body.decode(), serving=False)
 
