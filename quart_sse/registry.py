@@ -270,6 +270,8 @@ class RedisRegistry:
         self._user_releasing: dict[tuple[str, str], asyncio.Task[None]] = {}  # the latest release of each user
         self._batch_task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._admitting: list[tuple[list[str], list[bytes | str | float], asyncio.Future[Any]]] = []
+        self._admitting_tasks: set[asyncio.Task[None]] = set()
         self._refreshing: set[str] = set()  # ids in the heartbeat script call now in flight
         self._released_meanwhile: list[ConnRecord] = []  # released while their heartbeat was in flight
 
@@ -300,7 +302,10 @@ class RedisRegistry:
                                                keys.user_channel(rec.app, rec.user), *self._presence_args(rec.app)]
             if self.presence is not None:
                 script_keys += keys.presence_keys(rec.app)
-            ok, changes, dropped = await self._admit(keys=script_keys, args=args)
+            if self.cluster:  # routed per slot by the cluster client: one call each
+                ok, changes, dropped = await self._admit(keys=script_keys, args=args)
+            else:
+                ok, changes, dropped = await self._admit_together(script_keys, args)
             if changes or dropped:
                 assert self.presence is not None
                 self.presence.changed(rec.app, int(changes), int(dropped))
@@ -316,6 +321,50 @@ class RedisRegistry:
             raise BrokerUnavailable(str(exc)) from exc
         self.local[rec.id] = rec
         return True
+
+    def _admit_together(self, script_keys: list[str], args: list[bytes | str | float]) -> asyncio.Future[Any]:
+        """ADMIT_LUA for this admission, sent with every other admission of this loop iteration in one pipeline: a
+        reconnect storm admits thousands of streams in a few iterations, and a script call (a round trip and
+        redis-py's per-command work, ~70 µs of CPU) each was the registry's share of its CPU (docs/performance.md)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._admitting:
+            asyncio.get_running_loop().call_soon(self._send_admissions)
+        self._admitting.append((script_keys, args, fut))
+        return fut
+
+    def _send_admissions(self) -> None:
+        batch, self._admitting = self._admitting, []
+        task = asyncio.get_running_loop().create_task(self._admit_batch(batch))
+        self._admitting_tasks.add(task)
+        task.add_done_callback(self._admitting_tasks.discard)
+
+    async def _admit_batch(self, batch: list[tuple[list[str], list[bytes | str | float], asyncio.Future[Any]]]) -> None:
+        if len(batch) == 1:  # the common case (one new stream): the script object's call loads it when needed
+            script_keys, args, fut = batch[0]
+            try:
+                _settle(fut, await self._admit(keys=script_keys, args=args))
+            except (RedisError, OSError) as exc:
+                _settle(fut, exc)
+            return
+        sha = self._admit.sha
+        for i in range(0, len(batch), 1000):
+            chunk = batch[i:i + 1000]
+            try:
+                async with self.redis.pipeline(transaction=False) as p:
+                    for script_keys, args, _ in chunk:  # EVALSHA without the pipeline's SCRIPT EXISTS round trip
+                        p.evalsha(sha, len(script_keys), *script_keys, *args)
+                    results = await p.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                for _, _, fut in chunk:
+                    _settle(fut, exc)
+                continue
+            for (script_keys, args, fut), res in zip(chunk, results, strict=True):
+                if isinstance(res, NoScriptError):  # a restarted Redis: the script object's call loads it again
+                    try:
+                        res = await self._admit(keys=script_keys, args=args)
+                    except (RedisError, OSError) as exc:
+                        res = exc
+                _settle(fut, res)
 
     def _presence_args(self, app: str) -> list[bytes | str | float]:
         """ADMIT_LUA's and REFRESH_LUA's presence arguments: mode, queue cap, now in ms."""
@@ -503,3 +552,13 @@ class RedisRegistry:
                 await self.refresh()
             except (RedisError, OSError, BrokerUnavailable) as exc:  # the next beat tries again
                 log.warning("registry heartbeat failed: %s", exc)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any) -> None:
+    """An admission's answer (a script reply, or the RedisError/OSError its call raised), unless its waiter left."""
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)

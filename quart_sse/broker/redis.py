@@ -224,6 +224,11 @@ def _settle(done: asyncio.Future[Published], result: Published | None, error: st
         done.set_exception(BrokerUnavailable(error))
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def publish_call(app: str, events: Sequence[Outgoing], size: int, ttl_ms: int, max_seen: int,
                  live_channel: Callable[[str, str | None], str]) -> tuple[list[str], list[Any]]:
     """PUBLISH_LUA's keys and arguments for `events` of `app` (also what bench/ceiling.py sends, raw)."""
@@ -303,6 +308,7 @@ class RedisBroker:
         self._reply = keys.reply_channel(instance)
         self._was_up = False
         self.on_drop: Callable[[], None] | None = None
+        self._heads: dict[str, asyncio.Task[Position | None]] = {}  # reads of the app's head not sent yet
         self.link = PubSubLink(url, self._received, self._up, self._down, sharded=sharded)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -460,6 +466,18 @@ class RedisBroker:
         return covered(after, user_msgs, b_msgs)
 
     async def head(self, app: str, user: str) -> Position | None:
+        """The app's newest position. The streams of one app that ask in the same loop iteration share one read
+        (a reconnect storm asks thousands of times a second): each asked after its subscription was confirmed,
+        and the read is sent after all of them asked, so it is late enough for every one."""
+        read = self._heads.get(app)
+        if read is None:
+            read = self._heads[app] = asyncio.get_running_loop().create_task(self._read_head(app))
+            read.add_done_callback(_retrieved)  # every asker may have left (cancelled): no "never retrieved" line
+        return await asyncio.shield(read)
+
+    async def _read_head(self, app: str) -> Position | None:
+        await asyncio.sleep(0)  # the rest of this iteration's streams join
+        del self._heads[app]  # from here on, a new read: this one may already be on its way
         try:
             ms, n = await self.redis.hmget(keys.seq_key(app), ["ms", "n"])
         except (RedisError, OSError) as exc:
