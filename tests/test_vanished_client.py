@@ -64,15 +64,21 @@ def namespace() -> Iterator[Namespace]:
         pytest.skip(f"this test needs network namespaces (root / CAP_SYS_ADMIN), and here {exc}")
 
 
-@pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+@pytest.fixture(params=["handed_off", "generator"])
+async def service(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    """The service on either stream path (docs/operations.md, section 8): the socket is the stream's own once
+    handed off, Hypercorn's under the generator (STREAM_HANDOFF=false, and HTTP/2's path)."""
     redis_srv = RedisServer(tmp_path)
     redis_srv.start()
     # APP_HOST defaults to 0.0.0.0: the service is reachable on the host's veth address as on 127.0.0.1
     svc = ServiceProcess(free_port(), {"REDIS_URL": redis_srv.url, "PING_INTERVAL": str(PING),
-                                       "MAX_CONNECTIONS_PER_USER": "1"}, tmp_path / "service.log")
+                                       "MAX_CONNECTIONS_PER_USER": "1",
+                                       "STREAM_HANDOFF": str(request.param == "handed_off").lower()},
+                         tmp_path / "service.log")
     try:
         await svc.wait_ready()
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(svc.url + "/ready")).json()["stream_path"] == request.param
         yield svc
     finally:
         svc.stop()
@@ -81,7 +87,8 @@ async def service(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
 
 @pytest.mark.slow
 async def test_a_vanished_client_frees_its_place_within_the_unacked_timeout(namespace: Namespace,
-                                                                              service: ServiceProcess) -> None:
+                                                                              service: ServiceProcess,
+                                                                              request: pytest.FixtureRequest) -> None:
     """MAX_CONNECTIONS_PER_USER=1, PING_INTERVAL=1 (so TCP_USER_TIMEOUT is 10 s). The user's stream, opened from
     the namespace, is listed; the namespace is black-holed; from the host a second stream of the user is refused
     (429) at first, and within UNACKED + SLACK the first stream is gone from the listing and a new one admitted."""
@@ -111,7 +118,8 @@ async def test_a_vanished_client_frees_its_place_within_the_unacked_timeout(name
 
             freed_after, admitted_after = await asyncio.gather(_until_freed(listed, conn_id, t0),
                                                                _until_admitted(service.port, tok, t0))
-        print(f"\nvanished client (PING_INTERVAL={PING:g} s, TCP_USER_TIMEOUT={UNACKED:g} s): refused "
+        print(f"\nvanished client (PING_INTERVAL={PING:g} s, TCP_USER_TIMEOUT={UNACKED:g} s, "
+              f"stream path {request.node.callspec.params['service']}): refused "
               f"{refused_after:.2f} s after the black-hole; stream gone from the listing after "
               f"{_s(freed_after)}, the user admitted again after {_s(admitted_after)}; "
               f"service: {_closed_lines(service, conn_id)}")
