@@ -6,7 +6,8 @@ the host end) and touches no other interface or route of the host.
 
 `Namespace.blackhole()` sets the namespace's end down: from then on nothing the host sends there is answered,
 neither ACK nor RST nor ICMP, which is what a service sees of a phone that changed networks or a pulled cable
-(netem would do it too, but `sch_netem` is not always there). A socket on the host keeps retransmitting into the
+(netem would do it too, but `sch_netem` is not always there; deleting the namespace would not: a process still in
+it keeps it, and its veth pair, alive). A socket on the host keeps retransmitting into the
 void until TCP gives up: after `tcp_retries2` (~15 min by default) or the socket's TCP_USER_TIMEOUT (tcp(7)).
 
 Run as a script (`python tests/support_netns.py HOST PORT PATH TOKEN`, stdlib only, so it runs in the namespace
