@@ -74,8 +74,9 @@ def listen_socket(settings: Settings, *, host: str | None = None, reuse_port: bo
 
 def unacked_timeout(settings: Settings) -> float:
     """How long a client socket's data may go unacknowledged before the kernel drops it (TCP_USER_TIMEOUT): three
-    ping intervals, at least 10 s, so that a client that vanished silently frees its place within ~4 pings (90 s
-    with the default PING_INTERVAL=30) instead of the kernel's ~15 min of retransmissions."""
+    ping intervals, at least 10 s. A client that vanished silently frees its place within PING_INTERVAL plus this
+    (90-120 s with the default PING_INTERVAL=30; measured in tests/test_vanished_client.py) instead of the kernel's
+    ~15 min of retransmissions."""
     return max(10.0, 3 * settings.ping_interval)
 
 
