@@ -28,7 +28,7 @@ from bench.redis_publish import publish_command, publish_many, publish_script, r
 from bench.server import LOOPBACK, Server, start_redis
 
 HISTORY_SIZE, HISTORY_TTL = 1000, 3600  # the service's defaults
-BATCH_NAMES = ("publish_many",)  # Publisher.publish_many(app, events) of the batch-publish work (issue 16, item 3)
+BATCH_NAMES = ("publish_many",)  # Publisher.publish_many(app, events) (docs/publishing.md)
 
 
 def _subscribe_and_read(port: int, channels: list[str], cpu: str | None) -> None:

@@ -1,4 +1,5 @@
-"""Where a server's CPU went: a py-spy raw profile (collapsed stacks) cut into the buckets of issue 16.
+"""Where a server's CPU went: a py-spy raw profile (collapsed stacks) cut into the buckets of
+docs/performance.md (Reconnect storms).
 
     python -m bench.profile bench/results/profiles/ours-fresh-5000-*.txt [--top 25]
 

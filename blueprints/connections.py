@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from quart import Blueprint, Response, jsonify
 
 from quart_sse.auth import SCOPE_CONNECTIONS, require_app
-from quart_sse.broker.base import BrokerUnavailable
-from quart_sse.errors import forbidden, unavailable
+from quart_sse.errors import forbidden
 from quart_sse.http import check_path_ids, identity, services
 
 bp = Blueprint("connections", __name__)
@@ -19,7 +16,7 @@ async def list_app(app: str) -> Response:
     ident = identity()
     check_path_ids(app=app)
     require_app(ident, app, SCOPE_CONNECTIONS)
-    return await _answer(services().registry.list_app(app))
+    return jsonify(await services().registry.list_app(app))  # BrokerUnavailable: 503 (errors.py)
 
 
 @bp.get("/connections/<app>/<user>")
@@ -29,7 +26,7 @@ async def list_user(app: str, user: str) -> Response:
     require_app(ident, app)
     if ident.user != user and not ident.can(SCOPE_CONNECTIONS):
         raise forbidden("a token without the 'connections' scope lists only its own connections")
-    return await _answer(services().registry.list_user(app, user))
+    return jsonify(await services().registry.list_user(app, user))
 
 
 @bp.delete("/connections/<app>/<user>")
@@ -37,15 +34,6 @@ async def disconnect(app: str, user: str) -> Response:
     ident = identity()
     check_path_ids(app=app, user=user)
     require_app(ident, app, SCOPE_CONNECTIONS)
-    try:
-        closed = await services().control.disconnect_user(app, user)
-    except BrokerUnavailable:
-        raise unavailable("broker unavailable") from None
+    closed = await services().control.disconnect_user(app, user)
     return jsonify({"closed": closed})
 
-
-async def _answer(pending: Any) -> Response:
-    try:
-        return jsonify(await pending)
-    except BrokerUnavailable:
-        raise unavailable("broker unavailable") from None

@@ -1,4 +1,5 @@
-"""`GET /openapi.json`: an OpenAPI 3.1 description of the HTTP routes (CONTRACT §3-§5).
+"""`GET /openapi.json`: an OpenAPI 3.1 description of the HTTP routes (README.md: Routes;
+docs/security.md, docs/streams.md).
 
 Built in Python from the settings, so what it says follows the configuration (the cookie name, the body limit,
 `POST /demo/token` only in debug mode). tests/test_openapi.py holds it to `app.url_map` both ways and checks

@@ -11,8 +11,7 @@ import orjson
 from quart import Blueprint, Response, jsonify, request
 
 from quart_sse.auth import SCOPE_CONNECTIONS, SCOPE_PRESENCE, Identity, require_app
-from quart_sse.broker.base import BrokerUnavailable
-from quart_sse.errors import ApiError, bad_request, forbidden, unavailable
+from quart_sse.errors import ApiError, bad_request, forbidden
 from quart_sse.http import check_path_ids, identity, services
 from quart_sse.ids import is_valid_id
 from quart_sse.presence.service import MAX_QUERY_USERS
@@ -37,10 +36,7 @@ async def query(app: str) -> Response:
     require_app(ident, app)
     if not _may_ask(ident):
         raise forbidden("asking about other users needs the 'presence' or 'connections' scope")
-    try:
-        online = await services().presence.online(app, users)
-    except BrokerUnavailable:
-        raise unavailable("broker unavailable") from None
+    online = await services().presence.online(app, users)
     return jsonify({"online": online})
 
 
@@ -52,10 +48,7 @@ async def one(app: str, user: str) -> Response:
     require_app(ident, app)
     if ident.user != user and not _may_ask(ident):
         raise forbidden("a token without the 'presence' or 'connections' scope asks only about its own user")
-    try:
-        online = await services().presence.online(app, [user])
-    except BrokerUnavailable:
-        raise unavailable("broker unavailable") from None
+    online = await services().presence.online(app, [user])
     return jsonify({"user": user, "online": bool(online)})
 
 

@@ -58,7 +58,7 @@ async def _publish_one(ident: Identity, app: str, user: str | None, raw: bytes) 
         req = parse_body(raw)
     except EventError as exc:
         raise bad_request(str(exc)) from None
-    require_app(ident, app, SCOPE_PUBLISH)  # then 403 (CONTRACT §3: 401, 400, 403)
+    require_app(ident, app, SCOPE_PUBLISH)  # then 403 (401, 400, 403: docs/security.md)
     svc = services()
     started = time.perf_counter()
     try:

@@ -20,7 +20,7 @@ from quart import Blueprint, Response, jsonify, request
 
 from quart_sse.auth import Identity, authenticate, seconds_left
 from quart_sse.broker.base import BrokerUnavailable
-from quart_sse.errors import ApiError, unauthorized, unavailable
+from quart_sse.errors import ApiError, unauthorized
 from quart_sse.http import services
 from quart_sse.services import Services
 from quart_sse.stream import RefusalReason, StreamRefused, open_stream, refusal_retry_ms
@@ -75,10 +75,7 @@ async def ticket() -> tuple[Response, int]:
         raise unauthorized("a ticket is bought with an 'Authorization: Bearer' header")
     ident = authenticate(request, svc.settings, svc.token_cache)
     ttl = int(max(1, min(svc.settings.ticket_ttl, seconds_left(ident, svc.settings.jwt_leeway))))
-    try:
-        tk = await svc.tickets.issue(ident, ttl)
-    except BrokerUnavailable:
-        raise unavailable("broker unavailable") from None
+    tk = await svc.tickets.issue(ident, ttl)  # BrokerUnavailable: 503 (errors.py)
     return jsonify({"ticket": tk, "expires_in": ttl}), 201
 
 

@@ -3,7 +3,7 @@
 The library's own defaults are wrong for us (identity under `identity`, 422 for bad tokens, `exp` optional,
 IndexError on some malformed headers, `iat` in the future refused), so it configures the app and mints tokens,
 and tokens are verified here with PyJWT (which it is built on): where the token is read, which claims are
-checked and required, and the CONTRACT §3 401/403 answers.
+checked and required, and the 401/403 answers of docs/security.md.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def decode_token(token: str, settings: Settings) -> dict[str, Any]:
 
 
 def verify(token: str, settings: Settings, cache: TokenCache | None = None) -> Identity:
-    """A verified identity, or the CONTRACT §3 401 (generic text in production, detail in debug and the log)."""
+    """A verified identity, or the 401 of docs/security.md (generic text in production, detail in debug and the log)."""
     if cache is not None:
         hit = cache.get(token, settings.jwt_leeway)
         if hit is not None:

@@ -7,6 +7,8 @@ from typing import Any
 from quart import Quart, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from .broker.base import BrokerUnavailable
+
 WWW_AUTHENTICATE = 'Bearer realm="quart-sse"'
 
 
@@ -47,6 +49,11 @@ def register(app: Quart) -> None:
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
         return json_error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(BrokerUnavailable)
+    async def _broker_unavailable(_exc: BrokerUnavailable) -> Response:
+        """Redis cannot be reached: 503 with a retry hint (the cause, with its addresses, goes to the log only)."""
+        return json_error(503, "unavailable", "broker unavailable", {"Retry-After": "2"})
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Any:

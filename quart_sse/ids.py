@@ -1,4 +1,4 @@
-"""The one pattern every app and user id must match (CONTRACT §3).
+"""The one pattern every app and user id must match (docs/security.md).
 
 Ids are spliced into Redis channel and key names (`{app}:channel:{user}`), so a `:` or a glob character in an id
 could name another tenant's channel; the pattern admits neither.

@@ -21,7 +21,7 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    """Every environment variable the service reads (CONTRACT §2); `.env` fills the gaps."""
+    """Every environment variable the service reads (docs/configuration.md); `.env` fills the gaps."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
                                       case_sensitive=False)
@@ -197,7 +197,7 @@ class Settings(BaseSettings):
 
     @property
     def history_enabled(self) -> bool:
-        return self.history_size > 0 and self.history_ttl > 0  # either at 0 turns history off (issue 3)
+        return self.history_size > 0 and self.history_ttl > 0  # either at 0 turns history off (docs/history.md)
 
 
 def _check_public_key(algorithm: str, pem: str) -> str:

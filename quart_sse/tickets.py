@@ -1,4 +1,4 @@
-"""Single-use, short-lived stream tickets, so browsers need not put a long-lived token in a URL (CONTRACT §3)."""
+"""Single-use, short-lived stream tickets, so browsers need not put a long-lived token in a URL (docs/security.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Helpers for the fault-injection tests (issue 4): polling, metrics, process memory, stalled sockets, Redis state."""
+"""Helpers for the fault-injection tests (docs/operations.md): polling, metrics, process memory, stalled sockets,
+Redis state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who may do what (CONTRACT §3), through Quart's test client: where the token is read and in which order, every
+"""Who may do what (docs/security.md), through Quart's test client: where the token is read and in which order, every
 way a token can be wrong (always a 401 JSON with `WWW-Authenticate: Bearer`, never a 422 or 500), the knobs
 (leeway, issuers, audience, cookie name, size) and the 403s.
 
@@ -249,7 +249,7 @@ async def test_leeway_honoured() -> None:
 @pytest.mark.parametrize("leeway", [0, 30])
 @pytest.mark.parametrize("ahead", [1, 3600])
 async def test_iat_in_the_future_never_refuses(leeway: int, ahead: int) -> None:
-    """`iat` is informational (RFC 7519 §4.1.6; CONTRACT §3): an issuer whose clock runs ahead, or Postman's
+    """`iat` is informational (RFC 7519 §4.1.6; docs/security.md): an issuer whose clock runs ahead, or Postman's
     rounded `{{$timestamp}}`, is not refused, with or without leeway, alone or with a past `nbf`."""
     now = int(time.time())
     async with client_for(make_settings(jwt_leeway=leeway)) as c:

@@ -1,4 +1,4 @@
-"""CI runs a seconds-long smoke of the load generator (issues 6, 16): every target produces its figures, a small
+"""CI runs a seconds-long smoke of the load generator (docs/performance.md): every target produces its figures, a small
 storm connects and resumes exactly, the Redis ceiling measures; plus the harness's pure parts."""
 
 from __future__ import annotations

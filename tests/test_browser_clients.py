@@ -1,5 +1,5 @@
-"""EventSource clients nobody here wrote, in real headless Chromium, on a page of another origin (issue 13, items 2
-and 6): the browser's own EventSource, the npm `eventsource` package v2 bundled for the browser (it sends
+"""EventSource clients nobody here wrote, in real headless Chromium, on a page of another origin (docs/wire.md, and
+README.md: CORS): the browser's own EventSource, the npm `eventsource` package v2 bundled for the browser (it sends
 `Cache-Control: no-cache` and `Accept`), Yaffle's `event-source-polyfill` (with `Authorization` and
 `X-Requested-With` headers, as pages use it) and the current npm `eventsource` (fetch-based, `Authorization` added
 through its `fetch` option).

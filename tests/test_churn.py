@@ -1,4 +1,4 @@
-"""Churn soak (issue 4, item 7): 1,000 connect/disconnect cycles over 200 users of 4 apps, 50 at a time.
+"""Churn soak (docs/operations.md, section 7): 1,000 connect/disconnect cycles over 200 users of 4 apps, 50 at a time.
 
 Afterwards the service holds exactly what it held before: no stream, channel or Redis subscription left behind
 (PUBSUB CHANNELS / NUMSUB), no registry entry, no extra asyncio task, and memory back near its baseline.

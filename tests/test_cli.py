@@ -1,4 +1,4 @@
-"""`python -m quart_sse token | publish` (CONTRACT §7) as real child processes: the token carries what was asked and
+"""`python -m quart_sse token | publish` (README.md) as real child processes: the token carries what was asked and
 is accepted by the service; publish reaches open streams and history on Redis, and posts to the running service
 on the in-process broker."""
 

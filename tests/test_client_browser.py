@@ -1,7 +1,7 @@
 """The browser client (clients/js, served at /client.js) in real headless Chromium against the real service:
 credentials renewed at token expiry with nothing lost, resume across SIGKILL and SIGTERM restarts, 401/403 rules,
 refusals that pass, one stream shared by 8 tabs and handed over when the leader tab closes, `reset`, and its
-parser held to the Python one (issue 14 item 3; the rules are docs/clients.md).
+parser held to the Python one (the rules are docs/clients.md).
 
 The application page is tests/data/client_harness.html, served on the service's origin by Playwright; its
 credential calls reach tests.support_browser.Credentials, which mints tokens and buys tickets from the service.

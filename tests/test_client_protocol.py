@@ -187,7 +187,7 @@ def test_publish_request() -> None:
 
 
 def test_batch_uses_the_batch_route_when_the_service_has_it() -> None:
-    """The request and answer shapes of `POST /publish/{app}` with an array (issue 16's batch route)."""
+    """The request and answer shapes of `POST /publish/{app}` with an array (the batch route: docs/publishing.md)."""
     seen: list[tuple[str, Any]] = []
 
     def service(request: httpx.Request) -> httpx.Response:

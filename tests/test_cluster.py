@@ -1,4 +1,4 @@
-"""REDIS_CLUSTER=true against a real local Redis Cluster (issue 8, item 2).
+"""REDIS_CLUSTER=true against a real local Redis Cluster (docs/scaling.md).
 
 Live traffic goes over sharded pub/sub, routed by slot to the primary that owns each app; history, the registry,
 tickets, cluster-wide DELETE and the seed's raw classic PUBLISH keep working; a primary's failover is survived.

@@ -179,7 +179,7 @@ def test_stop_grace_period_outlasts_graceful_timeout() -> None:
                      or env_example().get("GRACEFUL_TIMEOUT")
                      or Settings.model_fields["graceful_timeout"].default)
     assert seconds(svc["stop_grace_period"]) > graceful + 1
-    assert seconds(svc["stop_grace_period"]) > 10, "CONTRACT §7: the service may take up to 10 s after SIGTERM"
+    assert seconds(svc["stop_grace_period"]) > 10, "docs/operations.md: the service may take up to 10 s after SIGTERM"
 
 
 def test_interpolation_helper() -> None:

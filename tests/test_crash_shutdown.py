@@ -1,4 +1,5 @@
-"""Instance crash and graceful shutdown (issue 4, items 3 and 4), on real service processes and a real Redis.
+"""Instance crash and graceful shutdown (docs/operations.md, sections 3 and 4), on real service processes and a
+real Redis.
 
 A SIGKILLed instance's streams drop out of every listing, the seed's `{app}:client:{user}` hash and the per-user
 cap within REGISTRY_TTL; its clients reconnect to a live instance and resume. SIGTERM ends every stream with

@@ -214,7 +214,7 @@ def test_decode_payload_missing_data_is_null() -> None:
 
 
 # The seed's Go publishers marshal a struct: an unset field arrives as "" (or is left out by `omitempty`), and the
-# seed delivered such messages (issue 13, item 2).
+# seed delivered such messages (docs/wire.md).
 SEED_SHAPES: list[tuple[bytes, bytes]] = [
     (b'{"id":"p3","data":{"k":"v"}}', b'id: p3\ndata: {"k":"v"}\n\n'),                    # no type
     (b'{"id":"p3","type":"","data":{"k":"v"}}', b'id: p3\ndata: {"k":"v"}\n\n'),          # empty type

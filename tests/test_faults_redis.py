@@ -1,4 +1,4 @@
-"""Redis outage (issue 4, item 1): a real redis-server is SIGKILLed for 5 s while events are published.
+"""Redis outage (docs/operations.md, section 1): a real redis-server is SIGKILLed for 5 s while events are published.
 
 Open streams stay open and keep pinging, /ready turns 503 and back, the one pub/sub link comes back with backoff and
 jitter and resubscribes every channel within 2 s of Redis returning, every stream gets what the restarted Redis's

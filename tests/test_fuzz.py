@@ -1,4 +1,4 @@
-"""Hypothesis-driven fuzzing (issue 5, part 7) of tokens, path segments, query strings, Last-Event-ID values,
+"""Hypothesis-driven fuzzing (docs/security.md) of tokens, path segments, query strings, Last-Event-ID values,
 publish bodies (HTTP and Python API) and raw Redis payloads.
 
 Invariants: never a 500 (or any status outside the expected few), an exact oracle where one is cheap (which tokens

@@ -1,4 +1,5 @@
-"""The id pattern (CONTRACT §3): ids are spliced into Redis names, so exactly `^[A-Za-z0-9._@|+-]{1,128}$` passes."""
+"""The id pattern (docs/security.md): ids are spliced into Redis names, so exactly `^[A-Za-z0-9._@|+-]{1,128}$`
+passes."""
 
 from __future__ import annotations
 

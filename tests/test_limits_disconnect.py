@@ -1,4 +1,5 @@
-"""The disconnect API and the connection limits (issue 4, items 5 and 6), across two service processes on one Redis.
+"""The disconnect API and the connection limits (docs/operations.md, sections 5 and 6), across two service processes on
+one Redis.
 
 DELETE /connections/{app}/{user} closes the user's streams on every instance through the control channel and
 answers how many. MAX_CONNECTIONS_PER_USER holds across instances (429), MAX_CONNECTIONS per process (503), both as

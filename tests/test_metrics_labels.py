@@ -1,5 +1,5 @@
-"""Labelled metrics have a sample for every known label value at 0 from start-up (issue 13, item 7): a series that
-does not exist yet is missing, not 0, so a fresh instance's dashboards and `rate()` showed nothing.
+"""Labelled metrics have a sample for every known label value at 0 from start-up (docs/operations.md: metrics): a
+series that does not exist yet is missing, not 0, so a fresh instance's dashboards and `rate()` showed nothing.
 
 Checked on the registry (every metric family has samples: a labelled metric added later without its values
 initialised fails here), over real HTTP on one process, and with WORKERS=2 (prometheus_client's multiprocess

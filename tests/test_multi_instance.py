@@ -1,4 +1,4 @@
-"""Three real service processes on one real redis-server behave as one service (issue 8, item 1)."""
+"""Three real service processes on one real redis-server behave as one service (docs/scaling.md)."""
 
 from __future__ import annotations
 

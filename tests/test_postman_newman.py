@@ -1,4 +1,4 @@
-"""Postman collections under newman against a live service (issue 13, item 2): every request a user of the seed,
+"""Postman collections under newman against a live service (docs/wire.md): every request a user of the seed,
 or of ours, sends from Postman gets the documented answer, never a 401.
 
 - The seed's requests (tests/data/seed_postman_collection.json): Postman signs each with `iat: {{$timestamp}}`,
@@ -111,7 +111,7 @@ def iat_offsets(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 async def test_seed_postman_collection_under_newman(node_modules: Path, redis_url: str,  # noqa: F811
                                                     tmp_path: Path, iat_offsets: list[float]) -> None:
     """The seed's three requests, with Postman's JWT auth. The stream: 200, an event stream. The user's own
-    connections: 200. The app's connections: 403 JSON, since CONTRACT §3 gives the app-wide list to the
+    connections: 200. The app's connections: 403 JSON, since docs/security.md gives the app-wide list to the
     `connections` scope only, which the seed's token does not have (the seed listed any app to any token)."""
     settings = make_settings(jwt_secret=SEED_SECRET, redis_url=redis_url)
     collection = json.loads(SEED_COLLECTION.read_text())

@@ -1,5 +1,5 @@
 """Presence state and the webhook queue, driven through the registry as streams drive it, on the in-process
-broker, a real redis-server and a real local Redis Cluster: the same scenarios, the same answers (issue 15)."""
+broker, a real redis-server and a real local Redis Cluster: the same scenarios, the same answers (docs/presence.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Presence webhooks against real processes (issue 15, item 4): `python -m quart_sse serve` instances on a real
+"""Presence webhooks against real processes (docs/presence.md): `python -m quart_sse serve` instances on a real
 redis-server (3 instances), on a real local Redis Cluster (3 instances) and on the in-process broker (1 instance),
 posting to a real local HTTP receiver (tests/webhook_receiver.py) that records bodies and headers, answers
 500/500/200 when told, and goes down and comes back.

@@ -1,4 +1,4 @@
-"""Batch publish and safe retries (issue 16), on both brokers: `POST /publish/{app}` with a JSON array, its
+"""Batch publish and safe retries (docs/publishing.md), on both brokers: `POST /publish/{app}` with a JSON array, its
 validation as a whole, its size limits and tenant rules, the Python API, and a publisher that retries every
 request three times without any event reaching a stream or history twice."""
 

@@ -1,4 +1,4 @@
-"""Refusals that pass by themselves, met by real clients nobody here wrote (issue 13, item 1).
+"""Refusals that pass by themselves, met by real clients nobody here wrote (docs/streams.md).
 
 Chromium's own EventSource (on a page of another origin), and the npm `eventsource` package v2 and v4 in Node,
 each a user of its own, run together against real service processes (`python -m quart_sse serve`) and a real

@@ -1,4 +1,4 @@
-"""The HTTP routes (CONTRACT §4) on both brokers through Quart's test client: health and readiness, JSON 404/405,
+"""The HTTP routes (README.md: Routes) on both brokers through Quart's test client: health and readiness, JSON 404/405,
 the publish body's 400s naming the field, 413, the 401 → 400 → 403 order, CORS both ways, and /metrics."""
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ async def test_an_empty_id_is_no_id(client: QuartClient, settings: Settings, pat
 
 
 async def test_refusal_order_401_then_400_then_403(client: QuartClient, settings: Settings) -> None:
-    """Who are you, then what you sent, then may you (CONTRACT §3)."""
+    """Who are you, then what you sent, then may you (docs/security.md)."""
     bad_body = {"type": 1}
     other_app = pub_headers(settings, app="app2")
     no_scope = auth(token(settings, "alice", "app1"))

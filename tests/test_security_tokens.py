@@ -1,4 +1,4 @@
-"""Token verification (issue 5, part 1): pinned algorithms, asymmetric keys end to end, exp/nbf/iat with leeway,
+"""Token verification (docs/security.md): pinned algorithms, asymmetric keys end to end, exp/nbf/iat with leeway,
 audience, issuer allow-list, size limit before parsing, production secret rules, and 401s that are no oracle.
 
 `POST /sse/ticket` is the probe: 201 for exactly the tokens the service accepts, 401 for the rest, no path or

@@ -1,5 +1,5 @@
-"""Configuration (CONTRACT §2): the seed's variable names, REDIS_URL over host/port, `.env` under the environment,
-and every bad value stopped with ConfigError: one line naming the variable (no traceback at start-up)."""
+"""Configuration (docs/configuration.md): the seed's variable names, REDIS_URL over host/port, `.env` under the
+environment, and every bad value stopped with ConfigError: one line naming the variable (no traceback at start-up)."""
 
 from __future__ import annotations
 

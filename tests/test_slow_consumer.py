@@ -1,4 +1,4 @@
-"""Slow consumer (issue 4, item 2): clients that stop reading while others receive a high rate.
+"""Slow consumer (docs/operations.md, section 2): clients that stop reading while others receive a high rate.
 
 The service runs as a real process (quart_sse.server, whose connection handler records each transport so that a
 stalled one can be aborted). The stalled clients are raw sockets with a 4 KiB receive buffer that never recv().

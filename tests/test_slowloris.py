@@ -1,4 +1,4 @@
-"""Resource abuse over real sockets (issue 5, part 6): slow and idle clients are cut off by Hypercorn's
+"""Resource abuse over real sockets (docs/security.md): slow and idle clients are cut off by Hypercorn's
 keep_alive_timeout, oversize headers get 431 at once, bodies are bounded in size and in time.
 """
 

@@ -1,4 +1,4 @@
-"""Tenant isolation on every route (issue 5, part 2): nothing reachable across `iss`, and the answer to another
+"""Tenant isolation on every route (docs/security.md): nothing reachable across `iss`, and the answer to another
 app is the same whether that app exists or not. docs/security.md maps each route to the test proving it.
 """
 

@@ -1,4 +1,4 @@
-"""Browser auth without long-lived tokens in URLs (issue 5, part 3): tickets, cookies, the per-user cap for both,
+"""Browser auth without long-lived tokens in URLs (docs/security.md): tickets, cookies, the per-user cap for both,
 and no token or ticket in any log line or in Redis.
 """
 
