@@ -299,8 +299,9 @@ def run_storm(p: Params, targets: list[str], redis_url: str | None = None, opts:
     # ours on Redis (the production shape, and where its history is written); the baseline always is
     sp = replace(p, publish="redis" if p.publish == "auto" else p.publish)
     env = make_env(sp, opts, targets, redis_url)
-    env.notes.append(f"net.core.somaxconn = {somaxconn()}; ours and nchan listen with backlog 2048 "
-                     "(quart_sse/server.py hypercorn_config, bench/nchan.conf.template), the baseline with "
+    env.notes.append(f"net.core.somaxconn = {somaxconn()}; ours listens with LISTEN_BACKLOG (default 65535, the "
+                     "kernel caps it at somaxconn), nchan with backlog 2048 (quart_sse/server.py listen_socket, "
+                     "bench/nchan.conf.template), the baseline with "
                      "Hypercorn's default 100; the kernel counters (all) are system-wide, other users of the machine "
                      "add to them; `streams that needed retransmits` is per connection (TCP_INFO)")
     results: dict[str, Any] = {}

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("quart_sse.hub")
 
 
+def _confirmed(ready: Awaitable[None]) -> bool:
+    return isinstance(ready, asyncio.Future) and ready.done() and not ready.cancelled() and ready.exception() is None
+
+
 class _Channel:
     __slots__ = ("ready", "subs")
 
@@ -56,9 +60,16 @@ class Hub:
             if state is None:
                 state = self._channels[ch] = _Channel(self.broker.subscribe(ch))
             state.subs.add(sub)
-            waits.append(state.ready)
+            if not _confirmed(state.ready):  # the app's broadcast channel is, after its first stream
+                waits.append(state.ready)
+        if not waits:
+            return
         try:
-            await asyncio.wait_for(asyncio.gather(*[asyncio.shield(w) for w in waits]), timeout)
+            # one timeout, the shared confirmations shielded (a stream that gives up must not cancel them); not
+            # wait_for(gather(...)): its task, gather and wrappers per stream were a fifth of a storm's subscription
+            async with asyncio.timeout(timeout):
+                for w in waits:
+                    await asyncio.shield(w)
         except BaseException:
             self.detach(sub)
             raise
