@@ -9,7 +9,8 @@ SUPPORTED := 3.11 3.12 3.13
 # with the hand-off skip themselves there (marker `handoff`)
 STREAM_TESTS := tests/test_handoff.py tests/test_stream_e2e.py tests/test_slow_consumer.py \
 	tests/test_limits_disconnect.py tests/test_crash_shutdown.py tests/test_resume.py tests/test_resume_property.py \
-	tests/test_churn.py tests/test_multi_instance.py tests/test_tenant_isolation.py tests/test_faults_redis.py
+	tests/test_churn.py tests/test_multi_instance.py tests/test_tenant_isolation.py tests/test_faults_redis.py \
+	tests/test_http_edges.py tests/test_adapter.py tests/test_vanished_client.py
 
 .PHONY: run test test-fast test-all test-generator lint audit bench bench-storm bench-ceiling bench-smoke bench-peer wheel \
 	build up down restart logs clean

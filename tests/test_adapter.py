@@ -122,6 +122,7 @@ async def test_the_patch_undone_before_serving_is_seen(monkeypatch: pytest.Monke
     install()
 
 
+@pytest.mark.handoff("checks the hand-off itself")
 async def test_a_healthy_coupling_hands_streams_off() -> None:
     async with live_server(make_settings()) as srv:
         assert srv.services.adapter.active
