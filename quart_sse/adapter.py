@@ -48,7 +48,7 @@ log = logging.getLogger("quart_sse.adapter")
 Peer = tuple[str, int]
 HIGH_WATER = 64 * 1024  # a transport's write buffer above this pauses writers (asyncio's and uvloop's default)
 #: How long a connection whose request has arrived but not been read yet may wait for the loop (`_idle_timeout`).
-FIRST_REQUEST_TIMEOUT = 30.0
+FIRST_REQUEST_TIMEOUT = 60.0
 _CONFIG_ATTR = "quart_sse_adapter"
 _STREAM_ENDED = "quart_sse: the event stream ended, and so does the connection's read loop"
 
