@@ -248,7 +248,7 @@ class TrackedTCPServer(TCPServer):
         if getattr(self.reader, "_buffer", None):
             return True
         sock = self.writer.get_extra_info("socket")
-        if sock is None:
+        if sock is None or sock.fileno() < 0:  # already closed
             return False
         try:
             waiting: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
