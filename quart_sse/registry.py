@@ -254,6 +254,14 @@ return {(#ARGV - 10) / 2, out.events, out.dropped}
 """
 
 
+@dataclass(slots=True)
+class _Admission:
+    rec: ConnRecord
+    keys: list[str]
+    args: list[bytes | str | float]
+    waiter: asyncio.Future[bool]
+
+
 class RedisRegistry:
     def __init__(self, redis: aioredis.Redis, ttl: int, *, cluster: bool = False,
                  presence: PresenceLink | None = None) -> None:
@@ -270,7 +278,7 @@ class RedisRegistry:
         self._user_releasing: dict[tuple[str, str], asyncio.Task[None]] = {}  # the latest release of each user
         self._batch_task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._admitting: list[tuple[list[str], list[bytes | str | float], asyncio.Future[Any]]] = []
+        self._admitting: list[_Admission] = []
         self._admitting_tasks: set[asyncio.Task[None]] = set()
         self._refreshing: set[str] = set()  # ids in the heartbeat script call now in flight
         self._released_meanwhile: list[ConnRecord] = []  # released while their heartbeat was in flight
@@ -302,13 +310,7 @@ class RedisRegistry:
                                                keys.user_channel(rec.app, rec.user), *self._presence_args(rec.app)]
             if self.presence is not None:
                 script_keys += keys.presence_keys(rec.app)
-            if self.cluster:  # routed per slot by the cluster client: one call each
-                ok, changes, dropped = await self._admit(keys=script_keys, args=args)
-            else:
-                ok, changes, dropped = await self._admit_together(script_keys, args)
-            if changes or dropped:
-                assert self.presence is not None
-                self.presence.changed(rec.app, int(changes), int(dropped))
+            ok = await self._admit_together(rec, script_keys, args)
             if not ok:
                 return False
             if self.cluster:  # in another slot than the sets
@@ -322,14 +324,17 @@ class RedisRegistry:
         self.local[rec.id] = rec
         return True
 
-    def _admit_together(self, script_keys: list[str], args: list[bytes | str | float]) -> asyncio.Future[Any]:
-        """ADMIT_LUA for this admission, sent with every other admission of this loop iteration in one pipeline: a
-        reconnect storm admits thousands of streams in a few iterations, and a script call (a round trip and
-        redis-py's per-command work, ~70 µs of CPU) each was the registry's share of its CPU (docs/performance.md)."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def _admit_together(self, rec: ConnRecord, script_keys: list[str],
+                         args: list[bytes | str | float]) -> asyncio.Future[bool]:
+        """ADMIT_LUA for `rec`, sent with every other admission of this loop iteration in one pipeline: a reconnect
+        storm admits thousands of streams in a few iterations, and a script call (a round trip and redis-py's
+        per-command work, ~70 µs of CPU) each was the registry's share of its CPU (docs/performance.md). Sent by a
+        task of its own: a stream whose client leaves meanwhile (its request cancelled) never interrupts a call
+        half-way, and an admission nobody waits for any more is given back at once."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if not self._admitting:
             asyncio.get_running_loop().call_soon(self._send_admissions)
-        self._admitting.append((script_keys, args, fut))
+        self._admitting.append(_Admission(rec, script_keys, args, fut))
         return fut
 
     def _send_admissions(self) -> None:
@@ -338,33 +343,48 @@ class RedisRegistry:
         self._admitting_tasks.add(task)
         task.add_done_callback(self._admitting_tasks.discard)
 
-    async def _admit_batch(self, batch: list[tuple[list[str], list[bytes | str | float], asyncio.Future[Any]]]) -> None:
-        if len(batch) == 1:  # the common case (one new stream): the script object's call loads it when needed
-            script_keys, args, fut = batch[0]
-            try:
-                _settle(fut, await self._admit(keys=script_keys, args=args))
-            except (RedisError, OSError) as exc:
-                _settle(fut, exc)
+    async def _admit_batch(self, batch: list[_Admission]) -> None:
+        if len(batch) == 1 or self.cluster:  # one call each: the script object loads the script when needed, and
+            for a in batch:  # the cluster client routes each call to its slot
+                try:
+                    self._admitted(a, await self._admit(keys=a.keys, args=a.args))
+                except (RedisError, OSError) as exc:
+                    _settle(a.waiter, exc)
             return
         sha = self._admit.sha
         for i in range(0, len(batch), 1000):
             chunk = batch[i:i + 1000]
             try:
                 async with self.redis.pipeline(transaction=False) as p:
-                    for script_keys, args, _ in chunk:  # EVALSHA without the pipeline's SCRIPT EXISTS round trip
-                        p.evalsha(sha, len(script_keys), *script_keys, *args)
+                    for a in chunk:  # EVALSHA without the pipeline's SCRIPT EXISTS round trip
+                        p.evalsha(sha, len(a.keys), *a.keys, *a.args)
                     results = await p.execute(raise_on_error=False)
             except (RedisError, OSError) as exc:
-                for _, _, fut in chunk:
-                    _settle(fut, exc)
+                for a in chunk:
+                    _settle(a.waiter, exc)
                 continue
-            for (script_keys, args, fut), res in zip(chunk, results, strict=True):
+            for a, res in zip(chunk, results, strict=True):
                 if isinstance(res, NoScriptError):  # a restarted Redis: the script object's call loads it again
                     try:
-                        res = await self._admit(keys=script_keys, args=args)
+                        res = await self._admit(keys=a.keys, args=a.args)
                     except (RedisError, OSError) as exc:
                         res = exc
-                _settle(fut, res)
+                if isinstance(res, BaseException):
+                    _settle(a.waiter, res)
+                else:
+                    self._admitted(a, res)
+
+    def _admitted(self, a: _Admission, reply: list[Any]) -> None:
+        ok, changes, dropped = reply
+        if changes or dropped:
+            assert self.presence is not None
+            self.presence.changed(a.rec.app, int(changes), int(dropped))
+        if a.waiter.done():  # its request was cancelled meanwhile (the client left): give the place back
+            if ok:
+                self.local[a.rec.id] = a.rec
+                self.release(a.rec)
+            return
+        a.waiter.set_result(bool(ok))
 
     def _presence_args(self, app: str) -> list[bytes | str | float]:
         """ADMIT_LUA's and REFRESH_LUA's presence arguments: mode, queue cap, now in ms."""
@@ -554,11 +574,7 @@ class RedisRegistry:
                 log.warning("registry heartbeat failed: %s", exc)
 
 
-def _settle(fut: asyncio.Future[Any], result: Any) -> None:
-    """An admission's answer (a script reply, or the RedisError/OSError its call raised), unless its waiter left."""
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
+def _settle(fut: asyncio.Future[bool], exc: BaseException) -> None:
+    """An admission's failure (the RedisError/OSError its call raised), unless its waiter left."""
+    if not fut.done():
+        fut.set_exception(exc)

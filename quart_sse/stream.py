@@ -47,6 +47,7 @@ from .auth import Identity
 from .broker.base import BrokerUnavailable, Replay
 from .events import Message, Position, closing_frame, reset_frame, retry_frame
 from .registry import ConnRecord
+from .tasks import raise_if_cancelling
 
 if TYPE_CHECKING:
     from .services import Services
@@ -572,6 +573,14 @@ async def open_stream(svc: Services, ident: Identity, last_id: str | None, *, re
     if svc.shutting_down:  # the shutdown began while this stream was being admitted
         stream.free()
         raise StreamRefused(RefusalReason.SHUTTING_DOWN, "the service is shutting down")
+    try:
+        # the client may have left while this stream was admitted (Quart cancels the request then), and on Python
+        # 3.11 a Redis call's wait_for can swallow that cancellation (CPython gh-86296): the stream would live on,
+        # parked, with nobody to end it
+        raise_if_cancelling()
+    except asyncio.CancelledError:
+        stream.free()
+        raise
     stream.expire_at(asyncio.get_running_loop().time() + seconds_left)
     stream.state = StreamState.REPLAYING
     svc.metrics.streams_opened.inc()
