@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import sys
 import urllib.error
@@ -59,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from .server import serve
 
-        return serve(settings)
+        try:
+            return serve(settings)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            print(f"error: APP_PORT: {settings.app_host}:{settings.app_port} is already in use (another service, or "
+                  "another copy of this one?)", file=sys.stderr)
+            return 1
     if args.command == "token":
         from .auth import mint
 

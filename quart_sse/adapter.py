@@ -226,6 +226,13 @@ class TrackedTCPServer(TCPServer):
         self.reader.feed_eof()  # Hypercorn's read loop ends; its connection objects are let go
         return True
 
+    def end(self) -> None:
+        """The event stream is over: the connection's task ends too (its read loop may wait behind a pipelined
+        request it will never start), with the adapter's own message, which `run` takes as a normal end."""
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel(_STREAM_ENDED)
+
     async def _idle_timeout(self) -> None:
         """Hypercorn's idle timer (keep_alive_timeout from accept, and between requests), except that a connection
         whose bytes are waiting to be read is not idle: in a reconnect storm the loop is seconds behind, and closing
@@ -284,9 +291,7 @@ class TrackedTCPServer(TCPServer):
                 return
         elif type(event) is Closed and self.streaming:
             await super().protocol_send(event)  # after a hand-off its writer is a ReleasedWriter: no harm done
-            task = self._task
-            if task is not None and task is not asyncio.current_task() and not task.done():
-                task.cancel(_STREAM_ENDED)
+            self.end()
             return
         await super().protocol_send(event)
 

@@ -14,7 +14,9 @@ ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 #: - X-Requested-With: polyfills and the HTTP helpers (jQuery, Angular) that pages wrap them in.
 #: `*` would not do: it never covers Authorization, and it means nothing to a request with credentials.
 ALLOW_HEADERS = "Accept, Authorization, Cache-Control, Content-Type, Last-Event-ID, X-Requested-With"
-EXPOSE_HEADERS = "X-Connection-Id"
+#: what a page may read of an answer: the stream's id, whether a publish was a retried one (docs/publishing.md), and
+#: how long to wait after a refusal
+EXPOSE_HEADERS = "X-Connection-Id, Idempotent-Replayed, Retry-After"
 
 
 def init_app(app: Quart, origins: list[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .broker.base import BrokerUnavailable
@@ -58,7 +58,11 @@ def register(app: Quart) -> None:
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Any:
         code = (exc.name or "error").lower().replace(" ", "_")
-        resp = json_error(exc.code or 500, code, exc.description or exc.name or "error")
+        message = exc.description or exc.name or "error"
+        if exc.code == 413:  # werkzeug's text names no limit: say which one, and how to change it
+            limit = request.max_content_length
+            message = f"the request body is over {limit} bytes (MAX_BODY_BYTES; a batch: MAX_BATCH_BYTES)"
+        resp = json_error(exc.code or 500, code, message)
         if exc.code == 405 and getattr(exc, "valid_methods", None):
             resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return resp

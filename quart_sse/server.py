@@ -106,7 +106,7 @@ async def _serve(settings: Settings, sock: socket.socket | None) -> None:
         if services.shutting_down:
             return
         n = services.begin_shutdown()
-        log.info("%s: ending %d streams, then stopping", signame, n)
+        log.info("%s: ending %d stream%s, then stopping", signame, n, "" if n == 1 else "s")
         # let the streams' last bytes go out before Hypercorn stops accepting and waits on connections
         loop.call_later(0.2, stop.set)
         loop.call_later(max(0.5, settings.graceful_timeout), cut)

@@ -133,12 +133,18 @@ class Settings(BaseSettings):
         if not sep or scheme not in REDIS_SCHEMES:
             got = f"{scheme[:20]}://" if sep else "no scheme"
             raise ValueError(f"must start with redis://, rediss:// (TLS) or unix:// (got {got})")
+        from redis.asyncio import ConnectionPool
         from redis.connection import parse_url  # the parser redis-py itself connects with: port, db, options
 
         try:
             parse_url(v)  # type: ignore[no-untyped-call]
         except ValueError as exc:  # its messages name the part (port, option), never the password
             raise ValueError(str(exc).rstrip(".")) from None
+        try:  # a connection object, not a connection: an unknown option (`?socket_timout=5`) fails here, not later
+            ConnectionPool.from_url(v).make_connection()  # type: ignore[no-untyped-call]
+        except TypeError as exc:
+            option = str(exc).rpartition("argument ")[2].strip("'")
+            raise ValueError(f"unknown option {option!r} (redis-py's connection options)") from None
         return v
 
     @field_validator("log_level", mode="before")
@@ -154,6 +160,9 @@ class Settings(BaseSettings):
                 raise ValueError("JWT_SECRET: production needs a secret of at least 32 bytes, not the example's")
         if self.max_batch_bytes < self.max_body_bytes:  # the batch route also takes a single event's body
             raise ValueError("MAX_BATCH_BYTES: must be at least MAX_BODY_BYTES")
+        if self.workers > 1 and not self.redis_dsn:
+            raise ValueError("WORKERS: more than one worker needs Redis (REDIS_URL or REDIS_HOST): the in-process "
+                             "broker lives in one process, and each worker would see only its own streams")
         if self.redis_cluster and self.redis_url and self.redis_url.startswith("unix://"):
             raise ValueError("REDIS_CLUSTER: a Redis Cluster is reached over redis:// or rediss://, not unix://")
         if self.jwt_algorithm[:2] in ("RS", "ES") and not self.jwt_public_key:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -232,3 +233,10 @@ async def test_publish_batch_refuses_bad_lines_before_publishing_anything(tmp_pa
     rc, out, err = await run_cli(tmp_path, "publish", "--app", "app1", "--user", "alice", "--type", "t", "--id", "ok",
                                  "1", env=env)
     assert rc == 0 and json.loads(out) == {"id": "ok"}, err
+
+
+async def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        rc, out, err = await run_cli(tmp_path, "serve", env={"APP_PORT": str(port), "APP_HOST": "127.0.0.1"})
+    assert_clean_failure(rc, out, err, "APP_PORT", f"127.0.0.1:{port}", "already in use")

@@ -167,6 +167,14 @@ async def test_flask_example_view_publishes_to_a_real_stream() -> None:
     assert down.status_code == 201 and down.json == {"order": down.json["order"], "notified": False,
                                                      "error": "unreachable"}
 
+    def bad_order() -> Any:
+        with flask_app.test_client() as client:
+            return client.post("/orders/bad%20user", json={"id": "mine", "user": "mallory"})
+
+    bad = await asyncio.to_thread(bad_order)  # refused before sending: a 400, never a 500
+    assert bad.status_code == 400 and bad.json["error"] == "bad_request"
+    assert order_body["user"] == "alice" and order_body["id"] != "mine"
+
 
 # ------------------------------------------------------------------------------------------------ subscribe
 async def test_subscribe_renews_at_token_expiry_with_nothing_lost() -> None:

@@ -193,6 +193,7 @@ def test_redis_url_bad_scheme_is_one_line_naming_the_variable(monkeypatch: pytes
     ("redis://127.0.0.1:abc/0", "Port"),
     ("redis://:hunter2@h:99999/0", "Port"),
     ("redis://h:6379/0?socket_timeout=soon", "socket_timeout"),
+    ("redis://:hunter2@h:6379/0?socket_timout=5", "socket_timout"),  # a typo: redis-py would fail at every call
 ])
 def test_redis_url_that_redis_py_cannot_parse(monkeypatch: pytest.MonkeyPatch, url: str, part: str) -> None:
     msg = _config_error(monkeypatch, JWT_SECRET="s", REDIS_URL=url)
@@ -213,3 +214,10 @@ def test_serve_with_bad_redis_url_exits_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "REDIS_URL" in out and "Traceback" not in out
     assert len(out.strip().splitlines()) == 1, out
+
+
+def test_more_than_one_worker_needs_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process broker lives in one process: with two workers, each would deliver to its own streams only."""
+    msg = _config_error(monkeypatch, JWT_SECRET="s", WORKERS="2")
+    assert msg.startswith("invalid configuration: WORKERS: ") and "Redis" in msg, msg
+    assert _load(monkeypatch, JWT_SECRET="s", WORKERS="2", REDIS_HOST="h").workers == 2

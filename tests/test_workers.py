@@ -81,7 +81,8 @@ def test_a_worker_that_fails_at_start_up_logs_its_traceback(tmp_path: Path) -> N
             "from quart_sse.__main__ import main\n"
             "sys.exit(main(['serve']))\n")
     port = free_port()
-    proc = subprocess.run([sys.executable, "-c", code], env=service_env({"APP_PORT": str(port), "WORKERS": "2"}),
+    proc = subprocess.run([sys.executable, "-c", code], env=service_env({"APP_PORT": str(port), "WORKERS": "2",
+                                                                  "REDIS_URL": "redis://127.0.0.1:1/0"}),
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out

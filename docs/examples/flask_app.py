@@ -31,11 +31,15 @@ def create_app(publisher: Publisher | None = None) -> Flask:
 
     @app.post("/orders/<user>")
     def create_order(user: str) -> Any:
-        order = {"id": uuid.uuid4().hex[:8], "user": user, **(request.get_json(silent=True) or {})}
+        body = request.get_json(silent=True)
+        # the body's fields, then ours: a client never chooses the order's id or user
+        order = {**(body if isinstance(body, dict) else {}), "id": uuid.uuid4().hex[:8], "user": user}
         # ... save the order ...
         try:
             # an id of our own makes a retry of this call safe where the service deduplicates by id
             event_id = notify.publish(APP_ID, user, "order.created", order, id=f"order-{order['id']}")
+        except ValueError as exc:  # refused before sending (an invalid user id): nothing to retry
+            return jsonify(error="bad_request", message=str(exc)), 400
         except ServiceError as exc:  # the service refused: the order stands, the notification did not go out
             app.logger.warning("notification not sent: %s", exc)
             return jsonify(order=order, notified=False, error=exc.code), 201

@@ -415,6 +415,10 @@ class RedisBroker:
             except BrokerUnavailable as exc:  # lost or timed out: it may have run, so never again
                 for _, done in part:
                     _settle(done, None, str(exc))
+            except Exception as exc:
+                log.exception("publishing %d events of %s failed", len(part), app)
+                for _, done in part:
+                    _settle(done, None, f"{type(exc).__name__}: {exc}")
             else:
                 for (_, done), res in zip(part, results, strict=True):
                     _settle(done, res, "")
