@@ -104,8 +104,10 @@ async def test_churn_leaves_nothing_behind(rig: tuple[RedisServer, LiveServer]) 
         # the BlockingConnectionPool keeps what 50 concurrent streams needed (at most 64), plus the pub/sub link
         assert clients1 <= 65, clients1
         rss1, objects1 = settled_rss_mib(), len(gc.get_objects())
-        # a leak of anything per stream would leave thousands of objects; the allocator's RSS is the looser figure
-        assert objects1 - objects0 < 1000, (objects0, objects1)
+        # a stream that leaks leaves its object graph (the Stream, its record, queue, timer: 5+ objects) per cycle,
+        # 5,000 and more here; a few hundred come and go with the rest of the process (logs captured, caches of the
+        # suite's other tests, ~1,400 seen in a full run beside two other suites). The allocator's RSS is looser.
+        assert objects1 - objects0 < 2500, (objects0, objects1)
         assert rss1 - rss0 < 8, (rss0, rss1)
         opened = srv.services.metrics.streams_opened._value.get()
         assert opened == WARMUP + CYCLES
