@@ -184,6 +184,7 @@ async def test_subscribe_renews_at_token_expiry_with_nothing_lost() -> None:
     async with live_server(settings) as srv, subscribe(srv.url, tokens, on_status=statuses.append) as feed, \
             AsyncPublisher(srv.url, token(settings, "backend", APP, "publish")) as pub:
         first = asyncio.ensure_future(take(feed, 50, timeout=30))
+        await until(lambda: feed.status.state is State.OPEN)  # the first event must find the stream open
         ids = []
         for n in range(50):  # 5 s of events; tokens live 2 s
             ids.append(await pub.publish(APP, USER, "tick", {"n": n}))
