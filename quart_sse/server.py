@@ -91,7 +91,29 @@ def _raise_nofile() -> None:
         pass
 
 
-async def _serve(settings: Settings, sock: socket.socket | None) -> None:
+class EarlySignals:
+    """SIGTERM and SIGINT that arrive while the process starts, before the loop's own handlers are in place.
+
+    Their default actions would end a starting process at once: a worker that got the stop while it was still
+    importing the app "exited with signal 15" (or, for SIGINT, with KeyboardInterrupt) and the service exited 1,
+    which an orchestrator records as a crash. Noted here instead, and acted on once the loop's handlers are
+    installed: the process then stops as it would have a moment later (exit 0).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signame: str | None = None  # the first stop signal that arrived, e.g. "SIGTERM"
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._note)
+
+    def _note(self, signum: int, _frame: Any) -> None:
+        self.signame = self.signame or signal.Signals(signum).name
+
+
+async def _serve(settings: Settings, sock: socket.socket | None, early: EarlySignals) -> None:
     from .app import create_app
 
     adapter = ServerAdapter()
@@ -116,8 +138,10 @@ async def _serve(settings: Settings, sock: socket.socket | None) -> None:
         if n:
             log.info("cut %d connections still open %.1f s after the signal", n, settings.graceful_timeout)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in EarlySignals.SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig.name)
+    if early.signame is not None:  # the stop came while this process was starting
+        on_signal(early.signame)
     try:
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     except BaseExceptionGroup as group:  # connections torn down under Hypercorn's task groups (h2 at shutdown)
@@ -136,14 +160,14 @@ def _tune_gc() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
-def _worker(settings: Settings, sock: socket.socket | None) -> None:
+def _worker(settings: Settings, sock: socket.socket | None, early: EarlySignals) -> None:
     _raise_nofile()
     try:
         import uvloop
 
-        uvloop.run(_serve(settings, sock))
+        uvloop.run(_serve(settings, sock, early))
     except ImportError:  # pragma: no cover - uvloop is in requirements, but the service runs without it
-        asyncio.run(_serve(settings, sock))
+        asyncio.run(_serve(settings, sock, early))
 
 
 def serve(settings: Settings) -> int:
@@ -153,7 +177,9 @@ def serve(settings: Settings) -> int:
     spreads them over the workers by connection hash.
     """
     if settings.workers <= 1:
-        _worker(settings, None)
+        early = EarlySignals()
+        early.install()
+        _worker(settings, None, early)
         return 0
     setup_logging(settings)  # the parent's own lines (a worker that exited) in the workers' format
     # metrics of all workers in one answer (quart_sse.metrics); must be set before prometheus_client is imported
@@ -161,13 +187,19 @@ def serve(settings: Settings) -> int:
     with socket.create_server((settings.app_host, settings.app_port), reuse_port=True):
         pass  # fail here, once, if the port is taken (the workers bind their own sockets)
     children: list[int] = []
+    # A stop signal during the forks waits until this process forwards signals and each child notes them
+    # (EarlySignals): a child inherits the blocked mask and unblocks it once its own handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, EarlySignals.SIGNALS)
     for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # child
             code = 0
             try:
+                early = EarlySignals()
+                early.install()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)
                 sock = listen_socket(settings, reuse_port=True)
-                _worker(settings, sock)
+                _worker(settings, sock, early)
             except Exception:
                 # os._exit skips the interpreter's own report: without this line a worker that cannot start
                 # (a Redis URL redis-py refuses, a port it may not bind) vanishes without a word
@@ -188,6 +220,7 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)
     code = 0
     for pid in children:
         while True:

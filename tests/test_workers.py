@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -91,3 +94,70 @@ def test_a_worker_that_fails_at_start_up_logs_its_traceback(tmp_path: Path) -> N
     assert len(set(failed)) == 2 and set(failed) == set(exited), out
     assert out.count("Traceback (most recent call last)") == 2, out
     assert out.count("RuntimeError: injected start-up failure") == 2, out
+
+
+STOPPED_WHILE_STARTING = ("import os, signal, sys, quart_sse.app as a\n"
+                          "real = a.create_app\n"
+                          "def starting(*args, **kw):  # the stop arrives while the app is being built\n"
+                          "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                          "    return real(*args, **kw)\n"
+                          "a.create_app = starting\n"
+                          "from quart_sse.__main__ import main\n"
+                          "sys.exit(main(['serve']))\n")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_while_starting_is_a_clean_stop(tmp_path: Path, workers: int) -> None:
+    """SIGTERM before the loop's signal handlers are in place (here: while the app is built) stops the process as
+    a later one would: exit 0, one stop line per process. The signal's default action used to kill it: a worker
+    "exited with signal 15" and the service exited 1 (found by CI: a test stopped a fresh WORKERS=2 service while
+    its second worker was still importing)."""
+    redis = RedisServer(tmp_path)
+    env = {"APP_PORT": str(free_port()), "WORKERS": str(workers)}
+    if workers > 1:
+        redis.start()
+        env["REDIS_URL"] = redis.url
+    try:
+        proc = subprocess.run([sys.executable, "-c", STOPPED_WHILE_STARTING], env=service_env(env), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        redis.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.count("SIGTERM: ending 0 streams, then stopping") == workers, out
+    assert "exited with" not in out and "Traceback" not in out, out
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:  # fields: state, ppid, ...
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_sigterm_to_the_supervisor_as_its_workers_start(tmp_path: Path) -> None:
+    """`docker stop` right after `docker start`: SIGTERM to the supervisor (PID 1 in the image) as soon as its two
+    workers exist, while they still import the app. The supervisor forwards it; each worker stops once it is up,
+    and the service exits 0."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    svc = ServiceProcess(free_port(), {"REDIS_URL": redis.url, "WORKERS": "2"}, tmp_path / "svc.log")
+    try:
+        deadline = time.monotonic() + 20
+        while len(_children(svc.proc.pid)) < 2:
+            assert time.monotonic() < deadline and svc.proc.poll() is None, svc.log()
+            await asyncio.sleep(0.002)
+        os.kill(svc.proc.pid, signal.SIGTERM)
+        code = await asyncio.to_thread(svc.proc.wait, 30)
+        log = svc.log()
+        assert code == 0, log
+        assert log.count("SIGTERM: ending 0 streams, then stopping") == 2, log
+        assert "exited with" not in log and "Traceback" not in log, log
+    finally:
+        svc.stop()
+        redis.stop()
