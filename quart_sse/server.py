@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
@@ -27,6 +27,7 @@ from .accesslog import AccessLogger
 from .adapter import ServerAdapter
 from .logs import setup_logging
 from .settings import Settings
+from .supervisor import STOP_SIGNALS, Supervisor
 
 log = logging.getLogger("quart_sse.server")
 
@@ -100,7 +101,7 @@ class EarlySignals:
     installed: the process then stops as it would have a moment later (exit 0).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.signame: str | None = None  # the first stop signal that arrived, e.g. "SIGTERM"
@@ -192,57 +193,33 @@ def serve(settings: Settings) -> int:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="quart-sse-metrics-"))
     with socket.create_server((settings.app_host, settings.app_port), reuse_port=True):
         pass  # fail here, once, if the port is taken (the workers bind their own sockets)
-    children: list[int] = []
-    # A stop signal during the forks waits until this process forwards signals and each child notes them
-    # (EarlySignals): a child inherits the blocked mask and unblocks it once its own handler is in place.
-    signal.pthread_sigmask(signal.SIG_BLOCK, EarlySignals.SIGNALS)
-    for _ in range(settings.workers):
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 0
-            try:
-                early = EarlySignals()
-                early.install()
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)
-                sock = listen_socket(settings, reuse_port=True)
-                _worker(settings, sock, early)
-            except Exception:
-                # os._exit skips the interpreter's own report: without this line a worker that cannot start
-                # (a Redis URL redis-py refuses, a port it may not bind) vanishes without a word
-                setup_logging(settings)  # the failure may come before create_app set logging up
-                log.exception("worker %d failed", os.getpid())
-                code = 1
-            except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: still never past this frame
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children.append(pid)
 
-    def forward(signum: int, _frame: Any) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    def child() -> NoReturn:
+        code = 0
+        try:
+            early = EarlySignals()
+            early.install()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)  # blocked by the parent for the fork
+            sock = listen_socket(settings, reuse_port=True)
+            _worker(settings, sock, early)
+        except Exception:
+            # os._exit skips the interpreter's own report: without this line a worker that cannot start
+            # (a Redis URL redis-py refuses, a port it may not bind) vanishes without a word
+            setup_logging(settings)  # the failure may come before create_app set logging up
+            log.exception("worker %d failed", os.getpid())
+            code = 1
+        except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: still never past this frame
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)
-    code = 0
-    for pid in children:
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        exit_code = os.waitstatus_to_exitcode(status)
-        if exit_code != 0:
-            log.error("worker %d exited with %s", pid,
-                      f"signal {-exit_code}" if exit_code < 0 else f"code {exit_code}")
-        code = code or (exit_code != 0)
+    def dead(pid: int) -> None:
         with contextlib.suppress(Exception):
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+    code = Supervisor(settings.workers, child, dead).run()
     sys.stdout.flush()
-    return int(code)
+    return code

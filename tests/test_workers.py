@@ -99,7 +99,8 @@ def test_a_worker_that_fails_at_start_up_logs_its_traceback(tmp_path: Path) -> N
 STOPPED_WHILE_STARTING = ("import os, signal, sys, quart_sse.app as a\n"
                           "real = a.create_app\n"
                           "def starting(*args, **kw):  # the stop arrives while the app is being built\n"
-                          "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                          "    service = os.getpid() if os.environ['WORKERS'] == '1' else os.getppid()\n"
+                          "    os.kill(service, signal.SIGTERM)  # to the service: the parent of workers\n"
                           "    return real(*args, **kw)\n"
                           "a.create_app = starting\n"
                           "from quart_sse.__main__ import main\n"
@@ -161,3 +162,68 @@ async def test_sigterm_to_the_supervisor_as_its_workers_start(tmp_path: Path) ->
     finally:
         svc.stop()
         redis.stop()
+
+
+async def test_a_worker_killed_while_serving_is_replaced(tmp_path: Path) -> None:
+    """The OOM killer takes one worker: the parent forks another in its place, both answer again, and the
+    service still stops with exit 0 (it used to go on with one worker, and no line said so until it stopped)."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    svc = ServiceProcess(free_port(), {"REDIS_URL": redis.url, "WORKERS": "2"}, tmp_path / "svc.log")
+    try:
+        await svc.wait_ready()
+        first = _children(svc.proc.pid)
+        assert len(first) == 2, svc.log()
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            now = _children(svc.proc.pid)
+            if len(now) == 2 and first[0] not in now:
+                break
+            assert time.monotonic() < deadline, svc.log()
+            await asyncio.sleep(0.02)
+        instances: set[str] = set()
+        while len(instances) < 2:  # a new connection each time: the kernel spreads them over both workers
+            assert time.monotonic() < deadline, svc.log()
+            async with httpx.AsyncClient(base_url=svc.url) as c:
+                r = await c.get("/ready")
+                if r.status_code == 200:
+                    instances.add(r.json()["instance"])
+        new = (set(now) - set(first)).pop()
+        assert f"worker {first[0]} exited with signal 9" in svc.log()
+        assert f"worker {first[0]} replaced by worker {new} (signal 9)" in svc.log()
+        assert svc.stop() == 0, svc.log()
+    finally:
+        svc.stop()
+        redis.stop()
+
+
+def test_a_worker_that_fails_stops_the_service(tmp_path: Path) -> None:
+    """One of two workers fails at start-up, the other comes up: the service stops and exits 1, so that the
+    orchestrator sees it (it used to go on with one worker, silently, until it was stopped)."""
+    code = ("import os, sys, quart_sse.app as a\n"
+            "real = a.create_app\n"
+            "def once(*args, **kw):  # the first worker here fails\n"
+            "    try:\n"
+            "        os.close(os.open(sys.argv[1], os.O_CREAT | os.O_EXCL))\n"
+            "    except FileExistsError:\n"
+            "        return real(*args, **kw)\n"
+            "    raise RuntimeError('injected start-up failure')\n"
+            "a.create_app = once\n"
+            "from quart_sse.__main__ import main\n"
+            "sys.exit(main(['serve']))\n")
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "marker")],
+                              env=service_env({"APP_PORT": str(free_port()), "WORKERS": "2", "REDIS_URL": redis.url}),
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        redis.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    failed = re.findall(r"worker (\d+) failed", out)
+    assert len(failed) == 1, out
+    assert f"stopping the service: worker {failed[0]} exited with code 1 and it failed" in out, out
+    assert out.count("exited with") == 2, out  # the failed worker's line and the stop line; the other exited 0
+    assert out.count("Traceback (most recent call last)") == 1, out
