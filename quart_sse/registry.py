@@ -310,18 +310,25 @@ class RedisRegistry:
                                                keys.user_channel(rec.app, rec.user), *self._presence_args(rec.app)]
             if self.presence is not None:
                 script_keys += keys.presence_keys(rec.app)
-            ok = await self._admit_together(rec, script_keys, args)
-            if not ok:
-                return False
-            if self.cluster:  # in another slot than the sets
-                async with self.redis.pipeline(transaction=False) as p:
-                    p.hset(h, mapping={"application_id": rec.app, "user_id": rec.user,
-                                       "channel_id": keys.user_channel(rec.app, rec.user)})
-                    p.expire(h, self.ttl)
-                    await p.execute()
+            try:
+                ok = await self._admit_together(rec, script_keys, args)
+                if not ok:
+                    return False
+                if self.cluster:  # in another slot than the sets
+                    async with self.redis.pipeline(transaction=False) as p:
+                        p.hset(h, mapping={"application_id": rec.app, "user_id": rec.user,
+                                           "channel_id": keys.user_channel(rec.app, rec.user)})
+                        p.expire(h, self.ttl)
+                        await p.execute()
+            except BaseException:
+                # Admitted, and then this request was cancelled (its client left) or the seed hash failed: the
+                # caller never gets the stream, so its place is given back here. The cancel can come after the
+                # admission's reply, in the same loop iteration: the await then raises although the place is
+                # held (`_admitted` listed it in `local` already). A no-op when nothing was admitted.
+                self.release(rec)
+                raise
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(str(exc)) from exc
-        self.local[rec.id] = rec
         return True
 
     def _admit_together(self, rec: ConnRecord, script_keys: list[str],
@@ -379,10 +386,10 @@ class RedisRegistry:
         if changes or dropped:
             assert self.presence is not None
             self.presence.changed(a.rec.app, int(changes), int(dropped))
+        if ok:  # held from here on: whatever happens to the request, `release` finds it
+            self.local[a.rec.id] = a.rec
         if a.waiter.done():  # its request was cancelled meanwhile (the client left): give the place back
-            if ok:
-                self.local[a.rec.id] = a.rec
-                self.release(a.rec)
+            self.release(a.rec)
             return
         a.waiter.set_result(bool(ok))
 

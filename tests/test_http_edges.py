@@ -222,7 +222,9 @@ async def test_clients_that_half_close_after_their_request_leave_no_stream(servi
                                                                            redis_url: str) -> None:
     """`printf 'GET /sse ...' | socat - TCP:...` sends the request and its end-of-file together. Quart cancels the
     request when it hears the client leave; on Python 3.11 a Redis call's wait_for could swallow that cancellation
-    (CPython gh-86296), and about one stream in eight then lived on, parked, listed and counted, forever."""
+    (CPython gh-86296), and about one stream in eight then lived on, parked, listed and counted, forever. A cancel
+    that came just after Redis admitted the stream left its entry listed until REGISTRY_TTL (CI, generator path;
+    tests/test_registry.py pins that moment)."""
     proc: ServiceProcess = await service_factory(REDIS_URL=redis_url)
     tok = token(SETTINGS, "half", APP)
     request = f"GET /sse HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {tok}\r\n\r\n".encode()
@@ -240,5 +242,8 @@ async def test_clients_that_half_close_after_their_request_leave_no_stream(servi
         async def none_open() -> bool:
             return metric_value((await http.get("/metrics")).text, "sse_streams_open") == 0
 
+        async def none_listed() -> bool:  # a release reaches Redis a round trip after the stream is freed;
+            return not await _listed(http, "half")  # a ghost would stay listed for REGISTRY_TTL (30 s)
+
         await until(none_open, 5)
-        assert not await _listed(http, "half")
+        await until(none_listed, 3)

@@ -132,3 +132,43 @@ async def test_a_release_during_a_heartbeat_is_not_undone(redis_url: str, cluste
         assert await r.exists("shop:client:bob") == 1
     finally:
         await r.aclose()
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+@pytest.mark.parametrize("moment", ["waiting", "answered"])
+async def test_an_admission_whose_request_is_cancelled_leaves_nothing(redis_url: str, cluster: bool,
+                                                                      moment: str) -> None:
+    """The client leaves while its stream is admitted, and Quart cancels the request. "waiting": the cancel comes
+    while the admission is on its way to Redis. "answered": it comes after Redis admitted the stream, in the same
+    loop iteration, before the request resumed (the await then raises although the place is held); that one left
+    an entry listed, counted against the user's cap and online until REGISTRY_TTL (found by CI: 40 clients that
+    half-closed after `GET /sse`, on the generator path, one stream listed)."""
+    r = aioredis.Redis.from_url(redis_url)
+    reg = RedisRegistry(r, ttl=30, cluster=cluster)
+    try:
+        rec = ConnRecord("c1", "shop", "dora", "127.0.0.1")
+        task = asyncio.create_task(reg.admit(rec, cap=1))
+        if moment == "answered":
+            answer = reg._admitted
+
+            def then_cancel(a: Any, reply: list[Any]) -> None:  # Redis's reply is in: the client leaves now
+                answer(a, reply)
+                task.cancel()
+
+            reg._admitted = then_cancel  # type: ignore[method-assign]
+        else:
+            await asyncio.sleep(0)  # the admission is queued for this iteration's pipeline
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the admission's own task ends, then the release goes
+            await reg.drain()
+            if not reg._admitting_tasks and not reg._releasing:
+                break
+            await asyncio.sleep(0.01)
+        assert await reg.list_user("shop", "dora") == {}
+        assert await r.zcard("sse:{shop}:conns") == 0
+        assert not reg.local
+        assert await reg.admit(ConnRecord("c2", "shop", "dora", "127.0.0.1"), cap=1)  # the cap is free
+    finally:
+        await r.aclose()
