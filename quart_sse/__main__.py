@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import errno
 import json
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -63,11 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return serve(settings)
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            print(f"error: APP_PORT: {settings.app_host}:{settings.app_port} is already in use (another service, or "
-                  "another copy of this one?)", file=sys.stderr)
-            return 1
+            if exc.errno == errno.EADDRINUSE:
+                print(f"error: APP_PORT: {settings.app_host}:{settings.app_port} is already in use (another service, "
+                      "or another copy of this one?)", file=sys.stderr)
+                return 1
+            # a name that does not resolve (getaddrinfo's codes are negative) or an address not on this host
+            if isinstance(exc, socket.gaierror) or (exc.errno or 0) < 0 or exc.errno == errno.EADDRNOTAVAIL:
+                reason = (exc.strerror or str(exc)).split(" (while attempting")[0]
+                print(f"error: APP_HOST: cannot listen on {settings.app_host!r}: {reason}", file=sys.stderr)
+                return 1
+            raise
     if args.command == "token":
         from .auth import mint
 

@@ -99,6 +99,13 @@ class ServerAdapter:
 
     def __init__(self) -> None:
         self._open: dict[Peer, TrackedTCPServer] = {}
+        # handed-off connections until they close: Hypercorn no longer knows them, and a shutdown must wait for
+        # their last bytes (or cut them) before the loop ends, or whatever a slow reader had not read is dropped
+        self._owned: set[asyncio.WriteTransport] = set()
+        self._none_owned = asyncio.Event()
+        self._none_owned.set()
+        self.stopping = False  # the service is shutting down: connections that end are followed until flushed
+        self._flushing: set[asyncio.WriteTransport] = set()  # Hypercorn's, ended with bytes still unsent
         self.attached = False  # a Hypercorn config of quart_sse.server serves the app
         self.problems: tuple[str, ...] = ()  # what `check()` found missing
 
@@ -132,6 +139,8 @@ class ServerAdapter:
         """Forget `peer` if it is still `conn`'s (a handed-off connection's address may be reused)."""
         if self._open.get(peer) is conn:
             del self._open[peer]
+        if self.stopping and conn.transport.get_write_buffer_size():  # Hypercorn returns before they are sent
+            self._flushing.add(conn.transport)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -155,14 +164,42 @@ class ServerAdapter:
         if peer is None or conn is None or not conn.hand_off():
             return False
         del self._open[peer]  # the server no longer owns it; the stream aborts it itself
+        self._owned.add(conn.transport)
+        self._none_owned.clear()
+        return True
+
+    def let_go(self, transport: asyncio.WriteTransport | None) -> None:
+        """A handed-off connection is closed (its stream's `connection_lost`)."""
+        self._owned.discard(transport)  # type: ignore[arg-type]
+        if not self._owned:
+            self._none_owned.set()
+
+    async def flushed(self, timeout: float) -> bool:
+        """Shutdown, once Hypercorn has stopped: wait up to `timeout` s until every connection's last bytes are
+        out. A handed-off connection closes once its client has read them; one of Hypercorn's that ended with
+        bytes still buffered (a generator-path stream's goodbye to a slow reader) is followed until its buffer is
+        empty (a poll, at shutdown only: asyncio tells a closing transport's end to its protocol alone). The loop
+        ending before that would drop them. False if some are still not out."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        try:
+            await asyncio.wait_for(self._none_owned.wait(), timeout)
+        except TimeoutError:
+            return False
+        while any(t.get_write_buffer_size() for t in self._flushing):
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(0.02)
         return True
 
     def abort_all(self) -> int:
-        """Shutdown: cut every connection still open (a client that stopped reading would hold the process)."""
-        conns = list(self._open.values())
-        for conn in conns:
-            conn.transport.abort()
-        return len(conns)
+        """Shutdown: cut every connection still open or still sending: Hypercorn's, handed-off ones, and those
+        Hypercorn ended with bytes unsent (a client that stopped reading would hold the process)."""
+        transports = [conn.transport for conn in self._open.values()] + list(self._owned) + \
+            [t for t in self._flushing if t.get_write_buffer_size()]
+        for transport in transports:
+            transport.abort()
+        return len(transports)
 
 
 class TrackedTCPServer(TCPServer):

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, NoReturn
 
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -124,15 +127,20 @@ async def _serve(settings: Settings, sock: socket.socket | None, early: EarlySig
     services = app.extensions["quart_sse"]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    grace = max(0.5, settings.graceful_timeout)
+    deadline = loop.time() + grace  # moved to the signal's time + grace when it comes
 
     def on_signal(signame: str) -> None:
+        nonlocal deadline
         if services.shutting_down:
             return
+        adapter.stopping = True
         n = services.begin_shutdown()
         log.info("%s: ending %d stream%s, then stopping", signame, n, "" if n == 1 else "s")
         # let the streams' last bytes go out before Hypercorn stops accepting and waits on connections
         loop.call_later(0.2, stop.set)
-        loop.call_later(max(0.5, settings.graceful_timeout), cut)
+        deadline = loop.time() + grace
+        loop.call_at(deadline, cut)
 
     def cut() -> None:
         n = adapter.abort_all()
@@ -150,6 +158,12 @@ async def _serve(settings: Settings, sock: socket.socket | None, early: EarlySig
         if rest is not None and not services.shutting_down:
             raise
         log.info("stopped; %d errors of connections cut at shutdown ignored", len(group.exceptions))
+    # Hypercorn returns without waiting for handed-off streams (not its own) nor for the bytes its own ended
+    # connections still buffer. Each stream was told to end and its connection closes once the client has read
+    # the last bytes; `cut` aborts the rest at the deadline. Without this wait the loop ended at once and a client
+    # still reading lost its last events and its goodbye.
+    if not await adapter.flushed(max(0.0, deadline - loop.time()) + 0.5):
+        cut()
 
 
 def _tune_gc() -> None:
@@ -189,16 +203,25 @@ def serve(settings: Settings) -> int:
         _worker(settings, None, early)
         return 0
     setup_logging(settings)  # the parent's own lines (a worker that exited) in the workers' format
+    # Fail here, once, if the port is taken: bound without SO_REUSEPORT, so that the workers of another copy of
+    # the service (which bind with it) count too; the address family is the workers' own (listen_socket).
+    listen_socket(settings).close()
     # metrics of all workers in one answer (quart_sse.metrics); must be set before prometheus_client is imported
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="quart-sse-metrics-"))
-    with socket.create_server((settings.app_host, settings.app_port), reuse_port=True):
-        pass  # fail here, once, if the port is taken (the workers bind their own sockets)
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    made_metrics_dir = metrics_dir is None
+    if metrics_dir is None:
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quart-sse-metrics-")
+    else:  # a directory of the operator's: what an earlier run left there would be added to this run's figures
+        for stale in Path(metrics_dir).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    parent = os.getpid()
 
     def child() -> NoReturn:
         code = 0
         try:
             early = EarlySignals()
             early.install()
+            _stop_with_parent(parent)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)  # blocked by the parent for the fork
             sock = listen_socket(settings, reuse_port=True)
             _worker(settings, sock, early)
@@ -220,6 +243,21 @@ def serve(settings: Settings) -> int:
 
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
-    code = Supervisor(settings.workers, child, dead).run()
+    try:
+        code = Supervisor(settings.workers, child, dead, kill_after=max(0.5, settings.graceful_timeout) + 5).run()
+    finally:
+        if made_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     sys.stdout.flush()
     return code
+
+
+def _stop_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM (a clean stop) when its parent dies, however it dies (SIGKILL, SIGHUP): orphaned
+    workers would go on serving the port, beside the next copy of the service (prctl(2) PR_SET_PDEATHSIG, Linux;
+    elsewhere nothing). The parent may have died before the call: then the stop is sent here."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -72,6 +72,7 @@ class Services:
         self.publisher = Publisher(self.broker)
         self.token_cache = TokenCache()
         self.shutting_down = False
+        self._stop_by: float | None = None  # loop time by which a shutdown is over (GRACEFUL_TIMEOUT)
         self._tasks: set[asyncio.Task[None]] = set()
         self.farewells = Farewells(self)
         self._resync: asyncio.Task[None] | None = None
@@ -109,6 +110,8 @@ class Services:
 
     def begin_shutdown(self) -> int:
         """End every stream with a jittered `retry:` so that clients do not all come back in the same second."""
+        if self._stop_by is None:  # the first call (the signal) starts GRACEFUL_TIMEOUT
+            self._stop_by = asyncio.get_running_loop().time() + self.settings.graceful_timeout
         self.shutting_down = True
         self.presence.begin_shutdown((self.settings.sse_retry_ms + 10_000) / 1000)  # goodbye_retry_ms(SHUTDOWN) at most
         return self.hub.close_all(CloseReason.SHUTDOWN)
@@ -120,14 +123,23 @@ class Services:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        """Within GRACEFUL_TIMEOUT of the signal, whatever Redis does: a Redis that hangs (rather than refuses)
+        would hold each step for its socket timeout (5 s). What a cut step leaves in Redis (registry entries, a
+        user's pending offline) expires or is swept by the other instances, as after a crash."""
         self.begin_shutdown()
+        assert self._stop_by is not None
+        loop = asyncio.get_running_loop()
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.settings.graceful_timeout)
+            await asyncio.wait(list(self._tasks), timeout=max(0.1, self._stop_by - loop.time()))
         if self._resync is not None:
             self._resync.cancel()
         await self.hub.stop()
-        await self.registry.stop()
-        await self.presence.stop()
+        for name, step in (("registry", self.registry.stop), ("presence", self.presence.stop)):
+            try:
+                await asyncio.wait_for(step(), max(0.1, self._stop_by - loop.time()))
+            except TimeoutError:
+                log.warning("shutdown: the %s's last Redis calls did not finish within GRACEFUL_TIMEOUT; what they "
+                            "leave expires by itself (REGISTRY_TTL)", name)
         await self.broker.close()
 
     def _redacted(self) -> str:

@@ -402,6 +402,8 @@ class Stream(asyncio.Protocol):
             upstream.connection_lost(exc)
         else:  # owned: nobody else will
             self.end()
+            if self.services is not None:
+                self.services.adapter.let_go(self.sink)
 
     # -- the end ----------------------------------------------------------------------------------------------
     def close(self, reason: CloseReason) -> None:
@@ -477,6 +479,13 @@ class Stream(asyncio.Protocol):
         """An owned stream's last bytes; its place was freed and the release awaited (`Farewells`)."""
         svc = self.services
         if svc is not None and self.reason is not None:
+            sink = self.sink
+            if sink is not None and not sink.is_closing() and self.pending():
+                # what was queued before the end (the client was behind) goes out first, as the generator path
+                # sends it: the client may still read it within write_last's grace
+                chunk = self.drain()
+                if chunk:
+                    self._write(chunk)
             self.write_last(closing_frame(self.reason.value, goodbye_retry_ms(self.reason, svc.settings.sse_retry_ms)))
 
     def write_last(self, frame: bytes, grace: float = 5.0) -> None:

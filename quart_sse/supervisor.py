@@ -6,7 +6,8 @@ What the parent does when a worker ends (docs/operations.md, "Workers"):
   takes its place, at most `RESTARTS` times in `WINDOW` seconds; beyond that the service stops (exit 1);
 - exited non-zero (it failed; its traceback is in the log): the service stops, the other workers get SIGTERM,
   exit 1;
-- after SIGTERM/SIGINT to the service: nothing is replaced; exit 0 when every worker exited 0, else 1.
+- after SIGTERM/SIGINT to the service: nothing is replaced; a worker still there `kill_after` seconds later
+  (stopped, wedged) is killed; exit 0 when every worker exited 0, else 1.
 
 A worker that fails is not restarted: what failed it (a bad setting, an unreachable dependency at start-up) would
 fail the next one too, and the orchestrator that restarts the service is the one place that can back off and
@@ -98,11 +99,12 @@ class Supervisor:
     """
 
     def __init__(self, workers: int, child: Callable[[], NoReturn], on_exit: Callable[[int], None],
-                 budget: RestartBudget | None = None) -> None:
+                 budget: RestartBudget | None = None, kill_after: float = 10.0) -> None:
         self.workers = workers
         self.child = child
         self.on_exit = on_exit
         self.budget = budget or RestartBudget()
+        self.kill_after = kill_after  # seconds from the stop to SIGKILL for a worker still there (stopped, wedged)
         self.children: list[int] = []
         self.stopping = False
         self.code = 0
@@ -123,6 +125,7 @@ class Supervisor:
             self.children.remove(pid)
             self.on_exit(pid)
             self._ended(pid, os.waitstatus_to_exitcode(status))
+        signal.setitimer(signal.ITIMER_REAL, 0)  # every worker ended: no kill is due
         return self.code
 
     def _ended(self, pid: int, exit_code: int) -> None:
@@ -154,10 +157,19 @@ class Supervisor:
         self._stop(signum)
 
     def _stop(self, signum: int) -> None:
+        if not self.stopping:  # a worker that has not ended by then (SIGSTOPped, wedged) is killed
+            signal.signal(signal.SIGALRM, self._kill_remaining)
+            signal.setitimer(signal.ITIMER_REAL, self.kill_after)
         self.stopping = True
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+
+    def _kill_remaining(self, _signum: int, _frame: Any) -> None:
+        for pid in self.children:
+            log.error("worker %d still running %.0f s after the stop: killed", pid, self.kill_after)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # a stopped process takes it too
 
     @staticmethod
     @contextlib.contextmanager

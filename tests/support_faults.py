@@ -100,6 +100,15 @@ class StalledClient:
             return False
         return True
 
+    def read_to_end(self, timeout: float) -> bytes:
+        """Start reading at last: everything until the server closes the connection (or `timeout` s of silence)."""
+        self.sock.settimeout(timeout)
+        got = bytearray()
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(1 << 16):
+                got += chunk
+        return bytes(got)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()

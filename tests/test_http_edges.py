@@ -24,12 +24,14 @@ import pytest
 
 from tests.support import (
     LiveServer,
+    RedisServer,
     ServiceProcess,
     auth,
     free_port,
     live_server,
     make_settings,
     metric_value,
+    open_stream,
     token,
 )
 from tests.support_faults import StalledClient, until
@@ -150,6 +152,69 @@ async def test_sigterm_exits_0_within_10_s_with_a_client_that_stopped_reading(se
     log = proc.log()
     assert code == 0 and took < 10, (code, took, log[-2000:])
     assert "Traceback" not in log, log[-3000:]
+    # it was given GRACEFUL_TIMEOUT (3 s) to read, then cut: on the handed-off path the process used to exit at
+    # once (0.3 s), with no cut, dropping what the client had not read
+    assert took > 2.5 and "cut 1 connections still open" in log, (took, log[-2000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("handoff", ["true", "false"])
+async def test_sigterm_gives_a_client_still_reading_its_last_events_and_goodbye(service_factory: Any,
+                                                                                handoff: str) -> None:
+    """A client behind by ~600 KB when SIGTERM comes reads on, 2 s later: it gets every event and `: closing
+    shutdown`, and the process exits 0 once it has (within GRACEFUL_TIMEOUT). On the handed-off path the process
+    used to exit 0.3 s after the signal, and the client got half the events and no goodbye (found by a new user)."""
+    proc: ServiceProcess = await service_factory(STREAM_HANDOFF=handoff)
+    pub = auth(token(SETTINGS, "backend", APP, "publish"))
+    slow = StalledClient(proc.port, token(SETTINGS, "slow", APP), rcvbuf=65536)
+    try:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=5) as http:
+            await until(lambda: _listed(http, "slow"), 5)
+            for i in range(10):
+                r = await http.post(f"/publish/{APP}/slow", json={"type": "t", "data": {"i": i, "pad": "x" * 60000}},
+                                    headers=pub)
+                assert r.status_code == 202
+        t0 = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        await asyncio.sleep(2)  # the client is busy; then it reads everything
+        received = await asyncio.to_thread(slow.read_to_end, 10)
+        code = await asyncio.to_thread(proc.proc.wait, 15)
+        took = time.monotonic() - t0
+    finally:
+        slow.close()
+    log = proc.log()
+    text = received.decode(errors="replace")
+    assert all(f'"i":{i},' in text for i in range(10)), (len(received), log[-2000:])
+    assert ": closing shutdown" in text, text[-300:]
+    assert code == 0 and took < 10, (code, took, log[-2000:])
+    assert "cut " not in log, log[-2000:]
+
+
+@pytest.mark.slow
+async def test_sigterm_with_redis_hanging_exits_within_graceful_timeout(service_factory: Any,
+                                                                         tmp_path: Path) -> None:
+    """Redis stops answering (SIGSTOP: a hang, not a refusal) and then SIGTERM comes, with streams open: the
+    registry's last releases used to hold the process for the Redis client's socket timeout (5 s), whatever
+    GRACEFUL_TIMEOUT said (found by a new user). Now every step of the stop shares GRACEFUL_TIMEOUT."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    streams = []
+    try:
+        proc: ServiceProcess = await service_factory(REDIS_URL=redis.url, GRACEFUL_TIMEOUT="1")
+        streams = [await open_stream(proc.port, headers=auth(token(SETTINGS, f"hang{i}", APP))) for i in range(3)]
+        assert all(s.status == 200 for s in streams)
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)
+        code, took = await _sigterm_exit(proc)
+        log = proc.log()
+        assert code == 0 and took < 2.5, (code, took, log[-2000:])
+        assert "did not finish within GRACEFUL_TIMEOUT" in log, log[-2000:]
+    finally:
+        if redis.proc is not None:
+            redis.proc.send_signal(signal.SIGCONT)
+        for s in streams:
+            await s.close()
+        redis.stop()
 
 
 @pytest.mark.slow

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,7 @@ def child():
     os.write(1, b"worker %d up\\n" % os.getpid())  # one write: the parent's log lines go to the same file
     while True:
         signal.pause()
-sys.exit(Supervisor(2, child, lambda pid: os.write(1, b"dead %d\\n" % pid), RestartBudget(2, 60)).run())
+sys.exit(Supervisor(2, child, lambda pid: os.write(1, b"dead %d\\n" % pid), RestartBudget(2, 60), kill_after=1).run())
 """
 
 
@@ -74,7 +76,7 @@ class Parent:
         self.out = tmp / "out.txt"
         self._file = open(self.out, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT, mode, str(tmp / "marker")], cwd=ROOT,
-                                     stdout=self._file, stderr=subprocess.STDOUT)
+                                     stdout=self._file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:
         return self.out.read_text()
@@ -93,14 +95,31 @@ class Parent:
         try:
             return self.proc.wait(timeout)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._file.close()
+            self.kill()
+
+    def kill(self) -> None:
+        """The parent and every worker it forked (its own session), whatever the test's outcome."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._file.close()
 
 
-def test_a_killed_worker_is_replaced_and_the_stop_is_still_clean(tmp_path: Path) -> None:
-    parent = Parent(tmp_path, "run")
+@pytest.fixture
+def parents(tmp_path: Path) -> Iterator[Callable[[str], Parent]]:
+    made: list[Parent] = []
+
+    def make(mode: str) -> Parent:
+        made.append(Parent(tmp_path, mode))
+        return made[-1]
+
+    yield make
+    for parent in made:
+        parent.kill()
+
+
+def test_a_killed_worker_is_replaced_and_the_stop_is_still_clean(parents: Callable[[str], Parent]) -> None:
+    parent = parents("run")
     first, second = parent.workers_up(2)
     os.kill(first, signal.SIGKILL)
     third = parent.workers_up(3)[2]
@@ -114,8 +133,8 @@ def test_a_killed_worker_is_replaced_and_the_stop_is_still_clean(tmp_path: Path)
     assert "stopping the service" not in out
 
 
-def test_a_restart_loop_stops_the_service(tmp_path: Path) -> None:
-    parent = Parent(tmp_path, "run")
+def test_a_restart_loop_stops_the_service(parents: Callable[[str], Parent]) -> None:
+    parent = parents("run")
     up = parent.workers_up(2)
     for n in (3, 4):  # two replacements: the budget of this parent
         os.kill(up[0], signal.SIGKILL)
@@ -126,10 +145,26 @@ def test_a_restart_loop_stops_the_service(tmp_path: Path) -> None:
         in parent.text()
 
 
-def test_a_failed_worker_stops_the_others(tmp_path: Path) -> None:
-    parent = Parent(tmp_path, "fail")
+def test_a_failed_worker_stops_the_others(parents: Callable[[str], Parent]) -> None:
+    parent = parents("fail")
     assert parent.wait() == 1, parent.text()
     out = parent.text()
     assert "and it failed" in out and "exited with code 3" in out, out
     assert out.count("exited with") == 2, out  # the failed worker's line and the stop line; the other exited 0
     assert "replaced" not in out, out
+
+
+def test_a_worker_that_does_not_stop_is_killed(parents: Callable[[str], Parent]) -> None:
+    """A worker SIGSTOPped (or wedged) when the stop comes: the parent used to wait for it forever; it is killed
+    `kill_after` seconds after the stop (1 s here) and the service exits 1."""
+    parent = parents("run")
+    first, second = parent.workers_up(2)
+    os.kill(first, signal.SIGSTOP)
+    t0 = time.monotonic()
+    os.kill(parent.proc.pid, signal.SIGTERM)
+    assert parent.wait() == 1, parent.text()
+    assert 0.9 < time.monotonic() - t0 < 5
+    out = parent.text()
+    assert f"ERROR worker {first} still running 1 s after the stop: killed" in out, out
+    assert f"ERROR worker {first} exited with signal 9" in out, out
+    assert f"worker {second} exited" not in out, out

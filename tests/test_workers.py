@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -164,38 +165,45 @@ async def test_sigterm_to_the_supervisor_as_its_workers_start(tmp_path: Path) ->
         redis.stop()
 
 
-async def test_a_worker_killed_while_serving_is_replaced(tmp_path: Path) -> None:
-    """The OOM killer takes one worker: the parent forks another in its place, both answer again, and the
-    service still stops with exit 0 (it used to go on with one worker, and no line said so until it stopped)."""
+@pytest.fixture
+async def two_workers(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    """A WORKERS=2 service on a Redis of its own, up."""
     redis = RedisServer(tmp_path)
     redis.start()
     svc = ServiceProcess(free_port(), {"REDIS_URL": redis.url, "WORKERS": "2"}, tmp_path / "svc.log")
     try:
         await svc.wait_ready()
-        first = _children(svc.proc.pid)
-        assert len(first) == 2, svc.log()
-        os.kill(first[0], signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while True:
-            now = _children(svc.proc.pid)
-            if len(now) == 2 and first[0] not in now:
-                break
-            assert time.monotonic() < deadline, svc.log()
-            await asyncio.sleep(0.02)
-        instances: set[str] = set()
-        while len(instances) < 2:  # a new connection each time: the kernel spreads them over both workers
-            assert time.monotonic() < deadline, svc.log()
-            async with httpx.AsyncClient(base_url=svc.url) as c:
-                r = await c.get("/ready")
-                if r.status_code == 200:
-                    instances.add(r.json()["instance"])
-        new = (set(now) - set(first)).pop()
-        assert f"worker {first[0]} exited with signal 9" in svc.log()
-        assert f"worker {first[0]} replaced by worker {new} (signal 9)" in svc.log()
-        assert svc.stop() == 0, svc.log()
+        yield svc
     finally:
         svc.stop()
         redis.stop()
+
+
+async def test_a_worker_killed_while_serving_is_replaced(two_workers: ServiceProcess) -> None:
+    """The OOM killer takes one worker: the parent forks another in its place, both answer again, and the
+    service still stops with exit 0 (it used to go on with one worker, and no line said so until it stopped)."""
+    svc = two_workers
+    first = _children(svc.proc.pid)
+    assert len(first) == 2, svc.log()
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while True:
+        now = _children(svc.proc.pid)
+        if len(now) == 2 and first[0] not in now:
+            break
+        assert time.monotonic() < deadline, svc.log()
+        await asyncio.sleep(0.02)
+    instances: set[str] = set()
+    while len(instances) < 2:  # a new connection each time: the kernel spreads them over both workers
+        assert time.monotonic() < deadline, svc.log()
+        async with httpx.AsyncClient(base_url=svc.url) as c:
+            r = await c.get("/ready")
+            if r.status_code == 200:
+                instances.add(r.json()["instance"])
+    new = (set(now) - set(first)).pop()
+    assert f"worker {first[0]} exited with signal 9" in svc.log()
+    assert f"worker {first[0]} replaced by worker {new} (signal 9)" in svc.log()
+    assert svc.stop() == 0, svc.log()
 
 
 def test_a_worker_that_fails_stops_the_service(tmp_path: Path) -> None:
@@ -227,3 +235,96 @@ def test_a_worker_that_fails_stops_the_service(tmp_path: Path) -> None:
     assert f"stopping the service: worker {failed[0]} exited with code 1 and it failed" in out, out
     assert out.count("exited with") == 2, out  # the failed worker's line and the stop line; the other exited 0
     assert out.count("Traceback (most recent call last)") == 1, out
+
+
+async def test_workers_stop_when_their_parent_dies(two_workers: ServiceProcess) -> None:
+    """SIGKILL of the parent (the OOM killer, a supervisor's kill): its workers get SIGTERM and stop cleanly. They
+    used to serve on, orphaned, beside the next copy of the service on the same port."""
+    svc = two_workers
+    workers = _children(svc.proc.pid)
+    assert len(workers) == 2, svc.log()
+    os.kill(svc.proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while any(_state(pid) not in ("Z", "gone") for pid in workers):
+        assert time.monotonic() < deadline, svc.log()
+        await asyncio.sleep(0.05)
+    assert svc.log().count("SIGTERM: ending 0 streams, then stopping") == 2, svc.log()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+async def test_a_second_copy_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    """The workers bind with SO_REUSEPORT, so a second copy's check used to succeed beside them and the two
+    services split the traffic; it now binds without it and says the port is in use."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    port = free_port()
+    svc = ServiceProcess(port, {"REDIS_URL": redis.url, "WORKERS": "2"}, tmp_path / "svc.log")
+    try:
+        await svc.wait_ready()
+        for workers in ("2", "1"):
+            env = service_env({"APP_PORT": str(port), "WORKERS": workers, "REDIS_URL": redis.url})
+            second = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "quart_sse", "serve"],
+                                             cwd=tmp_path, timeout=30, env=env, capture_output=True, text=True)
+            assert second.returncode == 1, second.stdout + second.stderr
+            assert f"error: APP_PORT: 0.0.0.0:{port} is already in use" in second.stderr, second.stderr
+    finally:
+        svc.stop()
+        redis.stop()
+
+
+@pytest.mark.parametrize(("host", "says"), [("nonexistent.invalid", "Name or service not known"),
+                                            ("10.99.99.99", "Cannot assign requested address")])
+def test_a_host_that_cannot_be_listened_on_is_one_line(tmp_path: Path, host: str, says: str) -> None:
+    for workers in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-m", "quart_sse", "serve"], cwd=tmp_path, timeout=30,
+                              env=service_env({"APP_HOST": host, "APP_PORT": str(free_port()), "WORKERS": workers,
+                                               "REDIS_URL": "redis://127.0.0.1:1/0"}),
+                              capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip() == f"error: APP_HOST: cannot listen on '{host}': {says}", proc.stderr
+
+
+async def test_workers_on_ipv6(tmp_path: Path) -> None:
+    """APP_HOST=::1 with WORKERS=2: the port check used an IPv4 socket and failed with a traceback."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    svc = ServiceProcess(free_port(), {"REDIS_URL": redis.url, "WORKERS": "2", "APP_HOST": "::1"},
+                         tmp_path / "svc.log")
+    svc.url = f"http://[::1]:{svc.port}"
+    try:
+        await svc.wait_ready()
+        assert svc.stop() == 0, svc.log()
+    finally:
+        svc.stop()
+        redis.stop()
+
+
+async def test_the_metrics_directory_is_the_run_own(tmp_path: Path) -> None:
+    """WORKERS=2 keeps its workers' metrics in a directory: one it made is removed at exit (each start used to
+    leave one in /tmp), one given in PROMETHEUS_MULTIPROC_DIR is emptied of an earlier run's files at start (they
+    used to be added to this run's counters)."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    given = tmp_path / "metrics"
+    given.mkdir()
+    (given / "counter_12345.db").write_bytes(b"stale")
+    try:
+        for env in ({"TMPDIR": str(tmp)}, {"PROMETHEUS_MULTIPROC_DIR": str(given)}):
+            svc = ServiceProcess(free_port(), {"REDIS_URL": redis.url, "WORKERS": "2", **env}, tmp_path / "svc.log")
+            try:
+                await svc.wait_ready()
+                assert ("PROMETHEUS_MULTIPROC_DIR" in env) is not (given / "counter_12345.db").exists()
+                assert svc.stop() == 0, svc.log()
+            finally:
+                svc.stop()
+        assert list(tmp.iterdir()) == []
+    finally:
+        redis.stop()
