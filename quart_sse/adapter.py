@@ -35,7 +35,7 @@ import logging
 import struct
 import termios
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hypercorn.asyncio import run as hypercorn_run
@@ -99,12 +99,14 @@ class ServerAdapter:
 
     def __init__(self) -> None:
         self._open: dict[Peer, TrackedTCPServer] = {}
-        # handed-off connections until they close: Hypercorn no longer knows them, and a shutdown must wait for
-        # their last bytes (or cut them) before the loop ends, or whatever a slow reader had not read is dropped
-        self._owned: set[asyncio.WriteTransport] = set()
+        # handed-off connections not closed yet: Hypercorn no longer knows them, and a shutdown must wait for their
+        # last bytes (or cut them) before the loop ends, or whatever a slow reader had not read is dropped. A count
+        # (no reference per stream); the transports themselves are collected once, when the shutdown begins.
+        self._owned = 0
         self._none_owned = asyncio.Event()
         self._none_owned.set()
         self.stopping = False  # the service is shutting down: connections that end are followed until flushed
+        self._followed: list[asyncio.WriteTransport] = []  # the handed-off ones open when the shutdown began
         self._flushing: set[asyncio.WriteTransport] = set()  # Hypercorn's, ended with bytes still unsent
         self.attached = False  # a Hypercorn config of quart_sse.server serves the app
         self.problems: tuple[str, ...] = ()  # what `check()` found missing
@@ -164,15 +166,21 @@ class ServerAdapter:
         if peer is None or conn is None or not conn.hand_off():
             return False
         del self._open[peer]  # the server no longer owns it; the stream aborts it itself
-        self._owned.add(conn.transport)
+        self._owned += 1
         self._none_owned.clear()
         return True
 
-    def let_go(self, transport: asyncio.WriteTransport | None) -> None:
-        """A handed-off connection is closed (its stream's `connection_lost`)."""
-        self._owned.discard(transport)  # type: ignore[arg-type]
-        if not self._owned:
+    def let_go(self) -> None:
+        """A handed-off connection is closed (its stream's `connection_lost`, once per connection)."""
+        self._owned -= 1
+        if self._owned <= 0:
+            self._owned = 0
             self._none_owned.set()
+
+    def follow(self, transports: Iterable[asyncio.WriteTransport]) -> None:
+        """The shutdown begins: the stopping flag, and the handed-off connections to cut if they outlast it."""
+        self.stopping = True
+        self._followed = list(transports)
 
     async def flushed(self, timeout: float) -> bool:
         """Shutdown, once Hypercorn has stopped: wait up to `timeout` s until every connection's last bytes are
@@ -195,7 +203,8 @@ class ServerAdapter:
     def abort_all(self) -> int:
         """Shutdown: cut every connection still open or still sending: Hypercorn's, handed-off ones, and those
         Hypercorn ended with bytes unsent (a client that stopped reading would hold the process)."""
-        transports = [conn.transport for conn in self._open.values()] + list(self._owned) + \
+        transports = [conn.transport for conn in self._open.values()] + \
+            [t for t in self._followed if not t.is_closing() or t.get_write_buffer_size()] + \
             [t for t in self._flushing if t.get_write_buffer_size()]
         for transport in transports:
             transport.abort()

@@ -30,6 +30,7 @@ from .accesslog import AccessLogger
 from .adapter import ServerAdapter
 from .logs import setup_logging
 from .settings import Settings
+from .stream import StreamState
 from .supervisor import STOP_SIGNALS, Supervisor
 
 log = logging.getLogger("quart_sse.server")
@@ -134,7 +135,8 @@ async def _serve(settings: Settings, sock: socket.socket | None, early: EarlySig
         nonlocal deadline
         if services.shutting_down:
             return
-        adapter.stopping = True
+        adapter.follow(stream.sink for stream in services.hub.subscribers
+                       if stream.state is StreamState.OWNED and stream.sink is not None)
         n = services.begin_shutdown()
         log.info("%s: ending %d stream%s, then stopping", signame, n, "" if n == 1 else "s")
         # let the streams' last bytes go out before Hypercorn stops accepting and waits on connections

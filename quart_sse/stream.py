@@ -403,7 +403,7 @@ class Stream(asyncio.Protocol):
         else:  # owned: nobody else will
             self.end()
             if self.services is not None:
-                self.services.adapter.let_go(self.sink)
+                self.services.adapter.let_go()
 
     # -- the end ----------------------------------------------------------------------------------------------
     def close(self, reason: CloseReason) -> None:
