@@ -30,7 +30,6 @@ from .accesslog import AccessLogger
 from .adapter import ServerAdapter
 from .logs import setup_logging
 from .settings import Settings
-from .stream import StreamState
 from .supervisor import STOP_SIGNALS, Supervisor
 
 log = logging.getLogger("quart_sse.server")
@@ -128,21 +127,18 @@ async def _serve(settings: Settings, sock: socket.socket | None, early: EarlySig
     services = app.extensions["quart_sse"]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    grace = max(0.5, settings.graceful_timeout)
-    deadline = loop.time() + grace  # moved to the signal's time + grace when it comes
+    cut_at = 0.0  # loop time: the shutdown's deadline (Services.stop_by), at least 0.5 s after the signal
 
     def on_signal(signame: str) -> None:
-        nonlocal deadline
+        nonlocal cut_at
         if services.shutting_down:
             return
-        adapter.follow(stream.sink for stream in services.hub.subscribers
-                       if stream.state is StreamState.OWNED and stream.sink is not None)
         n = services.begin_shutdown()
         log.info("%s: ending %d stream%s, then stopping", signame, n, "" if n == 1 else "s")
         # let the streams' last bytes go out before Hypercorn stops accepting and waits on connections
         loop.call_later(0.2, stop.set)
-        deadline = loop.time() + grace
-        loop.call_at(deadline, cut)
+        cut_at = max(services.stop_by, loop.time() + 0.5)
+        loop.call_at(cut_at, cut)
 
     def cut() -> None:
         n = adapter.abort_all()
@@ -164,7 +160,7 @@ async def _serve(settings: Settings, sock: socket.socket | None, early: EarlySig
     # connections still buffer. Each stream was told to end and its connection closes once the client has read
     # the last bytes; `cut` aborts the rest at the deadline. Without this wait the loop ended at once and a client
     # still reading lost its last events and its goodbye.
-    if not await adapter.flushed(max(0.0, deadline - loop.time()) + 0.5):
+    if not await adapter.flushed(max(0.0, cut_at - loop.time()) + 0.5):
         cut()
 
 

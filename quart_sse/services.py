@@ -24,7 +24,7 @@ from .presence.service import Presence
 from .publisher import Publisher
 from .registry import MemoryRegistry, RedisRegistry, Registry
 from .settings import Settings
-from .stream import CloseReason, Farewells, Stream
+from .stream import CloseReason, Farewells, Stream, StreamState
 from .tickets import MemoryTickets, RedisTickets, TicketStore
 
 log = logging.getLogger("quart_sse")
@@ -72,7 +72,7 @@ class Services:
         self.publisher = Publisher(self.broker)
         self.token_cache = TokenCache()
         self.shutting_down = False
-        self._stop_by: float | None = None  # loop time by which a shutdown is over (GRACEFUL_TIMEOUT)
+        self.stop_by: float | None = None  # loop time by which a shutdown is over (signal + GRACEFUL_TIMEOUT)
         self._tasks: set[asyncio.Task[None]] = set()
         self.farewells = Farewells(self)
         self._resync: asyncio.Task[None] | None = None
@@ -110,8 +110,11 @@ class Services:
 
     def begin_shutdown(self) -> int:
         """End every stream with a jittered `retry:` so that clients do not all come back in the same second."""
-        if self._stop_by is None:  # the first call (the signal) starts GRACEFUL_TIMEOUT
-            self._stop_by = asyncio.get_running_loop().time() + self.settings.graceful_timeout
+        if self.stop_by is None:  # the first call (the signal) starts GRACEFUL_TIMEOUT
+            self.stop_by = asyncio.get_running_loop().time() + self.settings.graceful_timeout
+            # the handed-off connections open now, for the server to cut if they outlast it (quart_sse.server)
+            self.adapter.follow(stream.sink for stream in self.hub.subscribers
+                                if stream.state is StreamState.OWNED and stream.sink is not None)
         self.shutting_down = True
         self.presence.begin_shutdown((self.settings.sse_retry_ms + 10_000) / 1000)  # goodbye_retry_ms(SHUTDOWN) at most
         return self.hub.close_all(CloseReason.SHUTDOWN)
@@ -127,16 +130,21 @@ class Services:
         would hold each step for its socket timeout (5 s). What a cut step leaves in Redis (registry entries, a
         user's pending offline) expires or is swept by the other instances, as after a crash."""
         self.begin_shutdown()
-        assert self._stop_by is not None
+        stop_by = self.stop_by
+        assert stop_by is not None
         loop = asyncio.get_running_loop()
+
+        def left() -> float:
+            return max(0.1, stop_by - loop.time())
+
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=max(0.1, self._stop_by - loop.time()))
+            await asyncio.wait(list(self._tasks), timeout=left())
         if self._resync is not None:
             self._resync.cancel()
         await self.hub.stop()
         for name, step in (("registry", self.registry.stop), ("presence", self.presence.stop)):
             try:
-                await asyncio.wait_for(step(), max(0.1, self._stop_by - loop.time()))
+                await asyncio.wait_for(step(), left())
             except TimeoutError:
                 log.warning("shutdown: the %s's last Redis calls did not finish within GRACEFUL_TIMEOUT; what they "
                             "leave expires by itself (REGISTRY_TTL)", name)

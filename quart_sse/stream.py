@@ -234,11 +234,14 @@ class Stream(asyncio.Protocol):
         if self.reason is not None or sink is None or sink.is_closing() or \
                 sink.get_write_buffer_size() > HIGH_WATER:
             return
+        self._send_queued()
+        self.parked = not self._queue
+
+    def _send_queued(self) -> None:
         if self.pending():
             chunk = self.drain()
             if chunk:
                 self._write(chunk)
-        self.parked = not self._queue
 
     def _write(self, chunk: bytes) -> None:
         """One `write` per chunk: chunked framing joined here (once per flush, not per event or stream)."""
@@ -480,12 +483,10 @@ class Stream(asyncio.Protocol):
         svc = self.services
         if svc is not None and self.reason is not None:
             sink = self.sink
-            if sink is not None and not sink.is_closing() and self.pending():
+            if sink is not None and not sink.is_closing():
                 # what was queued before the end (the client was behind) goes out first, as the generator path
                 # sends it: the client may still read it within write_last's grace
-                chunk = self.drain()
-                if chunk:
-                    self._write(chunk)
+                self._send_queued()
             self.write_last(closing_frame(self.reason.value, goodbye_retry_ms(self.reason, svc.settings.sse_retry_ms)))
 
     def write_last(self, frame: bytes, grace: float = 5.0) -> None:
